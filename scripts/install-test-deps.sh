@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Install everything herald's real-client tests need (tests/clients/):
+#   - Debian's chromium (/usr/bin/chromium), plus curl and socat if missing
+#   - npm packages of tests/clients (playwright-core, eventsource) via `npm ci`
+#   - a Python venv at tests/clients/.venv with httpx, httpx-sse, pytest
+#
+# Idempotent, quiet on success, fast when everything is already present.
+# Works from any cwd. Never downloads a browser of its own (no `playwright install`).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CLIENTS="$ROOT/tests/clients"
+cd "$ROOT"
+
+LOG="$(mktemp -t herald-install-test-deps.XXXXXX)"
+trap 'rm -f "$LOG"' EXIT
+
+# Run a command quietly; on failure print its output and stop.
+run() {
+    if ! "$@" >>"$LOG" 2>&1; then
+        echo "install-test-deps: FAILED: $*" >&2
+        tail -n 60 "$LOG" >&2
+        exit 1
+    fi
+}
+
+# Serialize concurrent runs (e.g. two client-test runs started at once).
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"/tmp/herald-install-test-deps.lock"
+    flock -w 900 9 || { echo "install-test-deps: could not take lock" >&2; exit 1; }
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+# ---------------------------------------------------------------- Debian packages
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v socat >/dev/null 2>&1 || missing+=(socat)
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt_install() {
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$LOG" 2>&1
+    }
+    # `apt-get update` only when the package lists don't know every package yet.
+    need_update=0
+    for p in "${missing[@]}"; do
+        cand="$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')"
+        if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then
+            need_update=1
+        fi
+    done
+    if [ "$need_update" -eq 1 ]; then
+        run $SUDO apt-get update -qq
+    fi
+    if ! apt_install; then
+        # Stale lists (404 on a superseded .deb): refresh once and retry.
+        run $SUDO apt-get update -qq
+        run apt_install
+    fi
+    [ -x /usr/bin/chromium ] || { echo "install-test-deps: /usr/bin/chromium still missing" >&2; exit 1; }
+fi
+
+# ---------------------------------------------------------------- npm packages
+command -v node >/dev/null 2>&1 || { echo "install-test-deps: node is not installed" >&2; exit 1; }
+command -v npm >/dev/null 2>&1 || { echo "install-test-deps: npm is not installed" >&2; exit 1; }
+
+lock_sum="$(sha256sum "$CLIENTS/package-lock.json" | cut -d' ' -f1)"
+stamp="$CLIENTS/node_modules/.herald-lock.sha256"
+if [ ! -d "$CLIENTS/node_modules" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_sum" ]; then
+    # PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD: belt and braces, playwright-core never downloads anyway.
+    (cd "$CLIENTS" && run env PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+    echo "$lock_sum" >"$stamp"
+fi
+
+# ---------------------------------------------------------------- Python venv
+VENV="$CLIENTS/.venv"
+req_sum="$( (cat "$CLIENTS/requirements.txt"; python3 --version) | sha256sum | cut -d' ' -f1)"
+req_stamp="$VENV/.herald-requirements.sha256"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    run python3 -m venv "$VENV"
+fi
+if [ ! -f "$req_stamp" ] || [ "$(cat "$req_stamp")" != "$req_sum" ]; then
+    run "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input -r "$CLIENTS/requirements.txt"
+    echo "$req_sum" >"$req_stamp"
+fi

@@ -1,0 +1,377 @@
+//! `herald serve` settings: command-line flags and `herald.toml`, merged once into a
+//! validated [`Config`]. Every flag has a TOML key of the same name; a flag wins over the
+//! file, unknown keys are rejected, and every value is parsed into its typed form here so
+//! nothing downstream re-validates ("parse, don't validate").
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Which I/O backend the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// io_uring when the kernel allows it, else epoll (the reason is logged).
+    Auto,
+    /// io_uring only; fail to start if the ring cannot be set up.
+    Uring,
+    /// epoll (mio) only.
+    Epoll,
+}
+
+/// Flags of `herald serve`, and the keys of `herald.toml` (same names).
+/// Everything is optional here so that a flag can override the file.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Address for subscribers (HTTP/1.1 SSE) [default: 0.0.0.0:8080]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// TCP address of the NDJSON ingest socket, or "off" [default: 127.0.0.1:7070]
+    #[arg(long)]
+    pub ingest: Option<String>,
+    /// Path of an NDJSON ingest Unix socket [default: none]
+    #[arg(long)]
+    pub ingest_unix: Option<PathBuf>,
+    /// Worker threads, one pinned per CPU [default: online CPUs]
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// I/O backend [default: auto]
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendChoice>,
+    /// Keep-alive comment interval on idle streams, e.g. 15s, 500ms [default: 15s]
+    #[arg(long)]
+    pub keepalive: Option<String>,
+    /// Deadline for a client to send its request head (slow-loris guard) [default: 10s]
+    #[arg(long)]
+    pub head_timeout: Option<String>,
+    /// A write that makes no progress for this long marks a slow consumer [default: 30s]
+    #[arg(long)]
+    pub write_timeout: Option<String>,
+    /// Per-connection backlog cap; past it the subscriber is disconnected [default: 1MiB]
+    #[arg(long)]
+    pub max_backlog: Option<String>,
+    /// Open connections per process; beyond it new ones get 503 [default: 1000000]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// New connections accepted per second per process, 0 = unlimited [default: 0]
+    #[arg(long)]
+    pub accept_rate: Option<u32>,
+    /// Largest request head accepted; beyond it 431 [default: 8KiB]
+    #[arg(long)]
+    pub max_head: Option<String>,
+    /// Most topics in one subscription [default: 32]
+    #[arg(long)]
+    pub max_topics: Option<usize>,
+    /// Largest publish: HTTP body or ingest line [default: 1MiB]
+    #[arg(long)]
+    pub max_event: Option<String>,
+    /// Events retained per topic for Last-Event-ID resume [default: 1000]
+    #[arg(long)]
+    pub history_events: Option<usize>,
+    /// Bytes retained per topic [default: 4MiB]
+    #[arg(long)]
+    pub history_bytes: Option<String>,
+    /// Age after which retained events are dropped, e.g. 1h [default: 1h]
+    #[arg(long)]
+    pub history_age: Option<String>,
+    /// `retry:` hint (ms) sent at the start of each stream [default: none]
+    #[arg(long)]
+    pub retry: Option<u32>,
+    /// Window over which streams are closed on shutdown [default: 2s]
+    #[arg(long)]
+    pub drain_window: Option<String>,
+    /// Allowed CORS origins, comma-separated; "*" = any, without credentials [default: *]
+    #[arg(long, value_delimiter = ',')]
+    pub cors_origins: Option<Vec<String>>,
+    /// Send Access-Control-Allow-Credentials for listed origins [default: false]
+    #[arg(long)]
+    pub cors_credentials: Option<bool>,
+    /// Networks allowed to POST /publish, comma-separated [default: 127.0.0.0/8,::1/128]
+    #[arg(long, value_delimiter = ',')]
+    pub publish_allow: Option<Vec<String>>,
+    /// Serve the demo page at GET / [default: true]
+    #[arg(long)]
+    pub demo: Option<bool>,
+}
+
+/// The validated configuration every part of herald reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub ingest: Option<SocketAddr>,
+    pub ingest_unix: Option<PathBuf>,
+    pub workers: usize,
+    pub backend: BackendChoice,
+    pub keepalive: Duration,
+    pub head_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_backlog: usize,
+    pub max_connections: usize,
+    pub accept_rate: u32,
+    pub max_head: usize,
+    pub max_topics: usize,
+    pub max_event: usize,
+    pub history_events: usize,
+    pub history_bytes: usize,
+    pub history_age: Duration,
+    pub retry: Option<u32>,
+    pub drain_window: Duration,
+    pub cors_origins: Vec<String>,
+    pub cors_credentials: bool,
+    pub publish_allow: Vec<IpNet>,
+    pub demo: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Toml {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key}: {message}")]
+    Value { key: &'static str, message: String },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_settings(Settings::default()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Merge flags over the TOML file at `path` (if any) over the defaults.
+    pub fn load(flags: Settings, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<Settings>(&text).map_err(|e| ConfigError::Toml {
+                    path: p.to_path_buf(),
+                    source: Box::new(e),
+                })?
+            }
+            None => Settings::default(),
+        };
+        Config::from_settings(flags.over(file))
+    }
+
+    /// Validate settings (unset values take their defaults).
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let ingest = match s.ingest.as_deref().unwrap_or("127.0.0.1:7070") {
+            "off" | "" => None,
+            a => Some(a.parse().map_err(|e| value("ingest", e))?),
+        };
+        let workers = match s.workers.unwrap_or(0) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let publish_allow = match s.publish_allow {
+            Some(list) => list
+                .iter()
+                .map(|n| parse_net(n).map_err(|m| value("publish-allow", m)))
+                .collect::<Result<_, _>>()?,
+            None => vec![
+                "127.0.0.0/8".parse().expect("literal"),
+                "::1/128".parse().expect("literal"),
+            ],
+        };
+        let cfg = Config {
+            listen: s
+                .listen
+                .unwrap_or_else(|| "0.0.0.0:8080".parse().expect("literal")),
+            ingest,
+            ingest_unix: s.ingest_unix,
+            workers,
+            backend: s.backend.unwrap_or(BackendChoice::Auto),
+            keepalive: duration("keepalive", s.keepalive.as_deref(), "15s")?,
+            head_timeout: duration("head-timeout", s.head_timeout.as_deref(), "10s")?,
+            write_timeout: duration("write-timeout", s.write_timeout.as_deref(), "30s")?,
+            max_backlog: size("max-backlog", s.max_backlog.as_deref(), "1MiB")?,
+            max_connections: s.max_connections.unwrap_or(1_000_000),
+            accept_rate: s.accept_rate.unwrap_or(0),
+            max_head: size("max-head", s.max_head.as_deref(), "8KiB")?,
+            max_topics: s.max_topics.unwrap_or(32),
+            max_event: size("max-event", s.max_event.as_deref(), "1MiB")?,
+            history_events: s.history_events.unwrap_or(1000),
+            history_bytes: size("history-bytes", s.history_bytes.as_deref(), "4MiB")?,
+            history_age: duration("history-age", s.history_age.as_deref(), "1h")?,
+            retry: s.retry,
+            drain_window: duration("drain-window", s.drain_window.as_deref(), "2s")?,
+            cors_origins: s.cors_origins.unwrap_or_else(|| vec!["*".to_string()]),
+            cors_credentials: s.cors_credentials.unwrap_or(false),
+            publish_allow,
+            demo: s.demo.unwrap_or(true),
+        };
+        if cfg.keepalive < Duration::from_millis(10) {
+            return Err(value("keepalive", "must be at least 10ms"));
+        }
+        if cfg.max_head < 256 {
+            return Err(value("max-head", "must be at least 256 bytes"));
+        }
+        if cfg.max_topics == 0 {
+            return Err(value("max-topics", "must be at least 1"));
+        }
+        if cfg.workers > 1024 {
+            return Err(value("workers", "at most 1024"));
+        }
+        Ok(cfg)
+    }
+}
+
+impl Settings {
+    /// `self` (flags) wins over `file` key by key.
+    fn over(self, file: Settings) -> Settings {
+        macro_rules! merge {
+            ($($f:ident),* $(,)?) => { Settings { $($f: self.$f.or(file.$f)),* } };
+        }
+        merge!(
+            listen,
+            ingest,
+            ingest_unix,
+            workers,
+            backend,
+            keepalive,
+            head_timeout,
+            write_timeout,
+            max_backlog,
+            max_connections,
+            accept_rate,
+            max_head,
+            max_topics,
+            max_event,
+            history_events,
+            history_bytes,
+            history_age,
+            retry,
+            drain_window,
+            cors_origins,
+            cors_credentials,
+            publish_allow,
+            demo,
+        )
+    }
+}
+
+fn value(key: &'static str, e: impl ToString) -> ConfigError {
+    ConfigError::Value {
+        key,
+        message: e.to_string(),
+    }
+}
+
+/// "15s", "500ms", "2m", "1h"; a bare number is seconds.
+fn duration(key: &'static str, v: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default).trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(v).map_err(|e| value(key, e))
+}
+
+/// "1MiB", "64KiB", "8k", "1048576"; K/M/G are powers of 1024.
+fn size(key: &'static str, v: Option<&str>, default: &str) -> Result<usize, ConfigError> {
+    let v = v.unwrap_or(default).trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| value(key, format!("{v:?} is not a size")))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => return Err(value(key, format!("unknown unit {u:?}"))),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| value(key, "size overflows"))
+}
+
+/// "10.0.0.0/8", or a bare address meaning that one host.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or network"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::default();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.ingest, Some("127.0.0.1:7070".parse().unwrap()));
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.keepalive, Duration::from_secs(15));
+        assert_eq!(c.max_backlog, 1 << 20);
+        assert!(c.workers >= 1);
+        assert!(c.publish_allow[0].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn flags_win_over_file_and_unknown_keys_fail() {
+        let file: Settings = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\nkeepalive = \"2s\"\nmax-backlog = \"64KiB\"",
+        )
+        .unwrap();
+        let flags = Settings {
+            keepalive: Some("500ms".into()),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(flags.over(file)).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.keepalive, Duration::from_millis(500));
+        assert_eq!(c.max_backlog, 64 << 10);
+        assert!(toml::from_str::<Settings>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        for (s, want) in [
+            ("1MiB", 1 << 20),
+            ("8k", 8192),
+            ("100", 100),
+            ("2 GiB", 2 << 30),
+        ] {
+            assert_eq!(size("k", Some(s), "0").unwrap(), want, "{s}");
+        }
+        assert!(size("k", Some("12q"), "0").is_err());
+        assert_eq!(
+            duration("k", Some("1.5"), "0").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            duration("k", Some("2m"), "0").unwrap(),
+            Duration::from_secs(120)
+        );
+        assert!(duration("k", Some("soon"), "0").is_err());
+        assert!(parse_net("10.1.2.3")
+            .unwrap()
+            .contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert!(Config::from_settings(Settings {
+            ingest: Some("off".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .ingest
+        .is_none());
+    }
+}

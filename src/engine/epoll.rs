@@ -1,0 +1,255 @@
+//! The epoll backend (mio), for kernels or containers without io_uring. Same worker core
+//! as the uring backend: edge-triggered readiness, reads drained to `WouldBlock`, and one
+//! vectored write per ready connection per loop turn, done synchronously (the kernel copies
+//! during the call, so nothing outlives it). Connections are limited to RLIMIT_NOFILE.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpListener as StdListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::worker::{ConnId, Core, ReadOutcome, Shared, MAX_IOVECS};
+use crate::fanout::bus::Wake;
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+/// Accepts per loop turn, so a connect storm cannot starve established streams.
+const ACCEPT_BATCH: usize = 512;
+/// Reads per connection per turn before yielding to the others.
+const READ_BUDGET: usize = 16;
+
+struct MioWake(Waker);
+
+impl Wake for MioWake {
+    fn wake(&self) {
+        if let Err(e) = self.0.wake() {
+            tracing::warn!(error = %e, "waking a worker failed");
+        }
+    }
+}
+
+/// Connection id in the low half, its generation in the high half: a late event for a
+/// reused slot is recognised and dropped.
+fn token(c: ConnId, gen: u32) -> Token {
+    Token(c as usize | (gen as usize) << 32)
+}
+
+struct Loop {
+    core: Core<TcpStream>,
+    poll: Poll,
+    buf: Vec<u8>,
+    /// Connections whose read budget ran out: edge-triggered epoll will not report them
+    /// again, so they are read next turn.
+    reread: Vec<ConnId>,
+}
+
+/// Run worker `id` on the epoll backend until shutdown has drained it.
+pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<()> {
+    let poll = Poll::new()?;
+    let waker = Waker::new(poll.registry(), WAKER)?;
+    shared.hub.inbox(id).set_waker(Box::new(MioWake(waker)));
+    listener.set_nonblocking(true)?;
+    let mut listener = Some(TcpListener::from_std(listener));
+    if let Some(l) = listener.as_mut() {
+        poll.registry().register(l, LISTENER, Interest::READABLE)?;
+    }
+    let mut lp = Loop {
+        core: Core::new(id, shared.clone()),
+        poll,
+        buf: vec![0u8; 64 << 10],
+        reread: Vec::new(),
+    };
+    let mut events = Events::with_capacity(1024);
+    let mut ready = Vec::new();
+    let mut closing = Vec::new();
+    let mut reread = Vec::new();
+    let mut accept_more = false;
+    let mut accept_retry: Option<Instant> = None;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        lp.core.update_clock();
+        std::mem::swap(&mut reread, &mut lp.reread);
+        for c in reread.drain(..) {
+            lp.read_ready(c);
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                WAKER => {}
+                LISTENER => accept_more = true,
+                Token(t) => {
+                    let c = t as u32 as ConnId;
+                    let gen = (t >> 32) as u32;
+                    if lp.core.conn(c).is_none_or(|conn| conn.gen != gen) {
+                        continue;
+                    }
+                    if ev.is_writable() {
+                        lp.core.handle_writable(c);
+                    }
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        lp.read_ready(c);
+                    }
+                }
+            }
+        }
+        if accept_retry.is_some_and(|at| Instant::now() >= at) {
+            accept_retry = None;
+            accept_more = true;
+        }
+        if accept_more {
+            accept_more = match listener.as_ref() {
+                Some(l) => match lp.accept_some(l) {
+                    Ok(more) => more,
+                    Err(e) if is_transient_accept_error(&e) => {
+                        // Out of descriptors for now: back off instead of spinning.
+                        tracing::warn!(worker = id, error = %e, "accept failed; retrying in 100ms");
+                        accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                        false
+                    }
+                    Err(e) => return Err(e),
+                },
+                None => false,
+            };
+        }
+        lp.core.drain_inbox();
+        lp.core.handle_tick();
+        if shared.stop.load(Ordering::Acquire) && !lp.core.is_draining() {
+            if let Some(mut l) = listener.take() {
+                lp.poll.registry().deregister(&mut l)?;
+            }
+            lp.core.begin_drain();
+            drain_deadline =
+                Some(Instant::now() + shared.config.drain_window + Duration::from_secs(2));
+            tracing::info!(worker = id, connections = lp.core.conn_count(), "draining");
+        }
+        lp.flush(&mut ready);
+        lp.core.take_closing(&mut closing);
+        for &c in &closing {
+            // Dropping the stream closes the socket, which also removes it from epoll.
+            drop(lp.core.release(c));
+        }
+        lp.core.publish_stats();
+        if let Some(deadline) = drain_deadline {
+            if lp.core.conn_count() == 0 || Instant::now() >= deadline {
+                tracing::info!(worker = id, left = lp.core.conn_count(), "worker stopped");
+                return Ok(());
+            }
+        }
+        let busy = lp.core.has_work() || accept_more || !lp.reread.is_empty();
+        let mut timeout = if busy || !lp.core.park() {
+            Duration::ZERO
+        } else {
+            lp.core.poll_timeout()
+        };
+        if accept_retry.is_some() {
+            timeout = timeout.min(Duration::from_millis(100));
+        }
+        match lp.poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => events.clear(),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Loop {
+    /// Accept up to a batch; returns true if more may be waiting.
+    fn accept_some(&mut self, l: &TcpListener) -> io::Result<bool> {
+        for _ in 0..ACCEPT_BATCH {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let c = self.core.handle_accept(stream, Some(peer.ip()));
+                    let Some(conn) = self.core.conn_mut(c) else {
+                        continue;
+                    };
+                    let tok = token(c, conn.gen);
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) = self
+                        .poll
+                        .registry()
+                        .register(&mut conn.handle, tok, interest)
+                    {
+                        tracing::warn!(error = %e, "epoll registration failed");
+                        self.core.close(c);
+                        continue;
+                    }
+                    // Edge-triggered: the request may already be waiting.
+                    self.read_ready(c);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    fn read_ready(&mut self, c: ConnId) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.core.conn(c) else {
+                return;
+            };
+            match (&conn.handle).read(&mut self.buf) {
+                Ok(0) => return self.core.handle_eof(c),
+                Ok(n) => {
+                    if self.core.handle_read(c, &self.buf[..n]) == ReadOutcome::Stop {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.core.handle_eof(c),
+            }
+        }
+        self.reread.push(c);
+    }
+
+    /// One vectored write per ready connection.
+    fn flush(&mut self, ready: &mut Vec<ConnId>) {
+        self.core.take_ready(ready);
+        for &c in ready.iter() {
+            if !self.core.begin_write(c) {
+                continue;
+            }
+            let result = {
+                let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+                let (n, _) = self.core.fill(c, &mut iov);
+                match self.core.conn(c) {
+                    Some(conn) => (&conn.handle).write_vectored(&iov[..n]),
+                    None => Err(io::ErrorKind::NotConnected.into()),
+                }
+            };
+            match result {
+                Ok(n) => self.core.handle_written(c, n, true),
+                // Stays "writing" until epoll reports the socket writable.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.core.handle_written(c, 0, false)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    self.core.handle_written(c, 0, true)
+                }
+                Err(_) => self.core.handle_write_error(c),
+            }
+        }
+    }
+}
+
+/// Accept errors that leave the listener usable (peer gone, out of descriptors for now).
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EPROTO
+                | libc::EPERM
+        )
+    )
+}

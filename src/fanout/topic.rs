@@ -1,0 +1,164 @@
+//! A published event and a topic's retained history for `Last-Event-ID` resume.
+//! The history holds the very `Arc<Event>` the fan-out sends (one encoded frame, no second
+//! copy) and stays within its count, byte and age limits; it remembers the newest sequence
+//! it ever evicted so a resume that reaches past it is reported as a gap, never silently.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::sse::encode::Frame;
+
+/// One published event, encoded once. Shared by the history and every worker.
+#[derive(Debug)]
+pub struct Event {
+    /// Process-wide publish order; time-based so it keeps increasing across restarts.
+    pub seq: u64,
+    /// Topic name, shared with the hub's registry.
+    pub topic: Arc<str>,
+    /// The `id:` sent on the wire (publisher's own, or `seq` in decimal).
+    pub id: Box<str>,
+    /// SSE wire bytes with their chunk framing.
+    pub frame: Frame,
+    /// When it was published (history age, latency).
+    pub at: Instant,
+}
+
+impl Event {
+    /// Bytes this event adds to a stream (chunked framing included).
+    pub fn wire_len(&self) -> usize {
+        self.frame.len()
+    }
+}
+
+/// Retention limits, per topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
+}
+
+/// A topic's retained events, oldest first, in `seq` order.
+#[derive(Debug, Default)]
+pub struct History {
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
+    /// Highest `seq` ever evicted (0 = none): anything at or below it may be missing.
+    evicted_upto: u64,
+}
+
+impl History {
+    pub fn push(&mut self, ev: Arc<Event>, limits: &Limits, now: Instant) {
+        self.bytes += ev.wire_len();
+        self.events.push_back(ev);
+        self.evict(limits, now);
+    }
+
+    /// Drop events beyond the count/byte limits or older than the age limit.
+    pub fn evict(&mut self, limits: &Limits, now: Instant) {
+        while let Some(front) = self.events.front() {
+            let over = self.events.len() > limits.max_events
+                || self.bytes > limits.max_bytes
+                || now.saturating_duration_since(front.at) > limits.max_age;
+            if !over {
+                break;
+            }
+            self.bytes -= front.wire_len();
+            self.evicted_upto = front.seq;
+            self.events.pop_front();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn oldest(&self) -> Option<&Arc<Event>> {
+        self.events.front()
+    }
+
+    pub fn evicted_upto(&self) -> u64 {
+        self.evicted_upto
+    }
+
+    /// The `seq` of the retained event whose wire id is `id`, newest match first.
+    pub fn find_id(&self, id: &str) -> Option<u64> {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| &*e.id == id)
+            .map(|e| e.seq)
+    }
+
+    /// Retained events with `after < seq <= upto`, in order.
+    pub fn range(&self, after: u64, upto: u64) -> impl Iterator<Item = &Arc<Event>> {
+        let start = self.events.partition_point(|e| e.seq <= after);
+        self.events
+            .range(start..)
+            .take_while(move |e| e.seq <= upto)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::encode::encode_event;
+
+    fn ev(seq: u64, at: Instant) -> Arc<Event> {
+        let id = seq.to_string();
+        Arc::new(Event {
+            seq,
+            topic: "t".into(),
+            frame: encode_event(None, &id, None, "0123456789"),
+            id: id.into(),
+            at,
+        })
+    }
+
+    #[test]
+    fn eviction_by_count_bytes_and_age_records_the_gap() {
+        let now = Instant::now();
+        let limits = Limits {
+            max_events: 3,
+            max_bytes: usize::MAX,
+            max_age: Duration::from_secs(60),
+        };
+        let mut h = History::default();
+        for s in 1..=5 {
+            h.push(ev(s, now), &limits, now);
+        }
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.evicted_upto(), 2);
+        assert_eq!(
+            h.range(3, u64::MAX).map(|e| e.seq).collect::<Vec<_>>(),
+            [4, 5]
+        );
+        assert_eq!(h.range(0, 4).map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(h.find_id("4"), Some(4));
+        assert_eq!(h.find_id("1"), None);
+
+        let one = ev(9, now).wire_len();
+        let by_bytes = Limits {
+            max_events: 100,
+            max_bytes: one * 2,
+            ..limits
+        };
+        h.evict(&by_bytes, now);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.bytes(), 2 * one);
+
+        let later = now + Duration::from_secs(61);
+        h.evict(&limits, later);
+        assert!(h.is_empty());
+        assert_eq!(h.evicted_upto(), 5);
+    }
+}

@@ -1,0 +1,680 @@
+//! HTTP/1.x request heads: bytes in, a typed `Request` (or a status) out, via
+//! `httparse`. Sans-IO. Invariant: anything a peer sends ends as `Partial`,
+//! `Done` or an `HttpError` with a status; topics in a `Route` are decoded,
+//! validated and de-duplicated.
+
+use crate::sse::event::{validate_topic, Publish};
+use percent_encoding::percent_decode;
+
+/// Most topics one subscribe request may name.
+pub const MAX_TOPICS_DEFAULT: usize = 32;
+/// Most header lines in a head (httparse is given this many slots).
+pub const MAX_HEADERS: usize = 64;
+/// Default head size limit, in bytes.
+pub const MAX_HEAD_DEFAULT: usize = 8192;
+/// Default publish body limit, in bytes (1 MiB).
+pub const MAX_BODY_DEFAULT: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest request head, in bytes.
+    pub max_head: usize,
+    pub max_topics: usize,
+    /// Longest publish body, in bytes.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: MAX_HEAD_DEFAULT,
+            max_topics: MAX_TOPICS_DEFAULT,
+            max_body: MAX_BODY_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /events/{topic}` or `GET /events?topic=a&topic=b`.
+    Subscribe {
+        topics: Vec<String>,
+        last_event_id: Option<String>,
+    },
+    /// `POST /publish/{topic}?event=&id=&retry=`.
+    Publish {
+        topic: String,
+        event: Option<String>,
+        id: Option<String>,
+        retry: Option<u32>,
+    },
+    /// `GET /healthz`.
+    Health,
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /` and `GET /index.html`.
+    Demo,
+    /// `OPTIONS` on any known path.
+    Preflight,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub route: Route,
+    /// Bytes consumed by the head; the body starts here.
+    pub head_len: usize,
+    pub http10: bool,
+    /// Per HTTP version and the `Connection` header.
+    pub keep_alive: bool,
+    pub origin: Option<String>,
+    /// Declared body length in bytes, 0 if absent.
+    pub content_length: usize,
+    /// `Transfer-Encoding: chunked` body.
+    pub chunked_body: bool,
+    /// `HEAD`: answer like `GET`, without the body.
+    pub head_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    #[error("malformed request")]
+    BadRequest,
+    #[error("invalid topic name")]
+    InvalidTopic,
+    #[error("no topic given")]
+    NoTopic,
+    #[error("more than {max} topics")]
+    TooManyTopics { max: usize },
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request header fields too large")]
+    HeadersTooLarge,
+    #[error("payload too large")]
+    PayloadTooLarge,
+    #[error("HTTP version not supported")]
+    VersionNotSupported,
+}
+
+impl HttpError {
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::BadRequest
+            | HttpError::InvalidTopic
+            | HttpError::NoTopic
+            | HttpError::TooManyTopics { .. } => 400,
+            HttpError::NotFound => 404,
+            HttpError::MethodNotAllowed => 405,
+            HttpError::PayloadTooLarge => 413,
+            HttpError::HeadersTooLarge => 431,
+            HttpError::VersionNotSupported => 505,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// The head is not complete yet; read more.
+    Partial,
+    Done(Request),
+}
+
+/// The paths herald knows, before the method is checked.
+enum Path<'a> {
+    Events(Option<&'a str>),
+    Publish(Option<&'a str>),
+    Health,
+    Metrics,
+    Demo,
+}
+
+pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head => {
+            return Err(HttpError::HeadersTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadersTooLarge),
+        Err(httparse::Error::Version) if names_http_version(buf) => {
+            return Err(HttpError::VersionNotSupported)
+        }
+        Err(_) => return Err(HttpError::BadRequest),
+    };
+    if head_len > limits.max_head {
+        return Err(HttpError::HeadersTooLarge);
+    }
+    // INVARIANT: httparse fills method, path and version on Complete.
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(HttpError::BadRequest);
+    };
+    let http10 = version == 0;
+    let h = Headers::read(req.headers, http10)?;
+    if h.content_length > limits.max_body {
+        return Err(HttpError::PayloadTooLarge);
+    }
+
+    let (path, query) = split_target(target)?;
+    let kind = match path {
+        "/" | "/index.html" => Path::Demo,
+        "/healthz" => Path::Health,
+        "/metrics" => Path::Metrics,
+        "/events" => Path::Events(None),
+        "/publish" => Path::Publish(None),
+        _ => {
+            if let Some(t) = path.strip_prefix("/events/") {
+                Path::Events(Some(t))
+            } else if let Some(t) = path.strip_prefix("/publish/") {
+                Path::Publish(Some(t))
+            } else {
+                return Err(HttpError::NotFound);
+            }
+        }
+    };
+    let head_only = method == "HEAD";
+    let route = match (method, kind) {
+        ("OPTIONS", _) => Route::Preflight,
+        ("GET", Path::Events(topic)) => subscribe(topic, query, h.last_event_id, limits)?,
+        ("POST", Path::Publish(topic)) => publish(topic, query)?,
+        ("GET" | "HEAD", Path::Health) => Route::Health,
+        ("GET" | "HEAD", Path::Metrics) => Route::Metrics,
+        ("GET" | "HEAD", Path::Demo) => Route::Demo,
+        _ => return Err(HttpError::MethodNotAllowed),
+    };
+    Ok(Parsed::Done(Request {
+        route,
+        head_len,
+        http10,
+        keep_alive: h.keep_alive,
+        origin: h.origin,
+        content_length: h.content_length,
+        chunked_body: h.chunked,
+        head_only,
+    }))
+}
+
+/// Whether the request line ends in an `HTTP/` version token httparse
+/// refused (505 rather than 400).
+fn names_http_version(buf: &[u8]) -> bool {
+    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let line = buf[..line_end]
+        .strip_suffix(b"\r")
+        .unwrap_or(&buf[..line_end]);
+    line.rsplit(|&b| b == b' ')
+        .next()
+        .is_some_and(|v| v.starts_with(b"HTTP/") && v.len() > 5 && v[5].is_ascii_digit())
+}
+
+/// What herald reads from the header lines.
+struct Headers {
+    keep_alive: bool,
+    origin: Option<String>,
+    content_length: usize,
+    chunked: bool,
+    last_event_id: Option<String>,
+}
+
+impl Headers {
+    fn read(headers: &[httparse::Header<'_>], http10: bool) -> Result<Self, HttpError> {
+        let mut out = Headers {
+            keep_alive: !http10,
+            origin: None,
+            content_length: 0,
+            chunked: false,
+            last_event_id: None,
+        };
+        let mut length: Option<usize> = None;
+        let mut te = false;
+        for h in headers {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("connection") {
+                for token in text(h.value)?.split(',').map(str::trim) {
+                    if token.eq_ignore_ascii_case("close") {
+                        out.keep_alive = false;
+                    } else if token.eq_ignore_ascii_case("keep-alive") && http10 {
+                        out.keep_alive = true;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("origin") {
+                out.origin = Some(text(h.value)?.to_owned());
+            } else if name.eq_ignore_ascii_case("last-event-id") {
+                let id = text(h.value)?.trim();
+                out.last_event_id = (!id.is_empty()).then(|| id.to_owned());
+            } else if name.eq_ignore_ascii_case("content-length") {
+                // Repeats are allowed only if they agree (RFC 9110 §8.6).
+                for v in text(h.value)?.split(',').map(str::trim) {
+                    let n = parse_length(v)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(HttpError::BadRequest);
+                    }
+                    length = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                let last = text(h.value)?.rsplit(',').next().unwrap_or("").trim();
+                out.chunked = last.eq_ignore_ascii_case("chunked");
+            }
+        }
+        if te && (!out.chunked || length.is_some() || http10) {
+            // A body whose length we cannot trust: refuse rather than desync.
+            return Err(HttpError::BadRequest);
+        }
+        out.content_length = length.unwrap_or(0);
+        Ok(out)
+    }
+}
+
+fn text(value: &[u8]) -> Result<&str, HttpError> {
+    std::str::from_utf8(value).map_err(|_| HttpError::BadRequest)
+}
+
+fn parse_length(v: &str) -> Result<usize, HttpError> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HttpError::BadRequest);
+    }
+    // Overflowing lengths are far beyond any body limit.
+    Ok(v.parse().unwrap_or(usize::MAX))
+}
+
+/// Splits a request target into path and query; absolute-form targets
+/// (`http://host/path`) are reduced to their path.
+fn split_target(target: &str) -> Result<(&str, &str), HttpError> {
+    let mut target = target;
+    for scheme in ["http://", "https://"] {
+        if let Some(rest) = target.strip_prefix(scheme) {
+            target = rest.find('/').map_or("/", |i| &rest[i..]);
+        }
+    }
+    if !target.starts_with('/') {
+        return Err(HttpError::BadRequest);
+    }
+    Ok(match target.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (target, ""),
+    })
+}
+
+/// Query pairs, `+` as space, percent-decoded. Non-UTF-8 is a 400.
+fn query_pairs(query: &str) -> impl Iterator<Item = Result<(String, String), HttpError>> + '_ {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        Ok((decode_query(k)?, decode_query(v)?))
+    })
+}
+
+fn decode_query(s: &str) -> Result<String, HttpError> {
+    let plus = s.replace('+', " ");
+    decode(&plus)
+}
+
+fn decode(s: &str) -> Result<String, HttpError> {
+    percent_decode(s.as_bytes())
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| HttpError::BadRequest)
+}
+
+fn subscribe(
+    path_topic: Option<&str>,
+    query: &str,
+    header_id: Option<String>,
+    limits: &Limits,
+) -> Result<Route, HttpError> {
+    let mut topics: Vec<String> = Vec::new();
+    let mut query_id = None;
+    let mut add = |topic: String| -> Result<(), HttpError> {
+        validate_topic(&topic).map_err(|_| HttpError::InvalidTopic)?;
+        if !topics.contains(&topic) {
+            if topics.len() == limits.max_topics {
+                return Err(HttpError::TooManyTopics {
+                    max: limits.max_topics,
+                });
+            }
+            topics.push(topic);
+        }
+        Ok(())
+    };
+    if let Some(t) = path_topic {
+        add(decode(t)?)?;
+    }
+    for pair in query_pairs(query) {
+        let (k, v) = pair?;
+        match k.as_str() {
+            "topic" => add(v)?,
+            "lastEventId" | "last_event_id" if !v.is_empty() => query_id = Some(v),
+            _ => {}
+        }
+    }
+    if topics.is_empty() {
+        return Err(HttpError::NoTopic);
+    }
+    Ok(Route::Subscribe {
+        topics,
+        last_event_id: header_id.or(query_id),
+    })
+}
+
+fn publish(path_topic: Option<&str>, query: &str) -> Result<Route, HttpError> {
+    let mut p = Publish {
+        topic: match path_topic {
+            Some(t) => decode(t)?,
+            None => String::new(),
+        },
+        data: String::new(),
+        event: None,
+        id: None,
+        retry: None,
+    };
+    for pair in query_pairs(query) {
+        let (k, v) = pair?;
+        match k.as_str() {
+            "topic" if path_topic.is_none() => p.topic = v,
+            "event" => p.event = (!v.is_empty()).then_some(v),
+            "id" => p.id = (!v.is_empty()).then_some(v),
+            "retry" => {
+                p.retry = Some(
+                    parse_length(&v)?
+                        .try_into()
+                        .map_err(|_| HttpError::BadRequest)?,
+                );
+            }
+            _ => {}
+        }
+    }
+    if p.topic.is_empty() {
+        return Err(HttpError::NoTopic);
+    }
+    validate_topic(&p.topic).map_err(|_| HttpError::InvalidTopic)?;
+    p.validate().map_err(|_| HttpError::BadRequest)?;
+    Ok(Route::Publish {
+        topic: p.topic,
+        event: p.event,
+        id: p.id,
+        retry: p.retry,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(topics: &[&str], id: Option<&str>) -> Route {
+        Route::Subscribe {
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            last_event_id: id.map(str::to_owned),
+        }
+    }
+
+    fn route(head: &str) -> Result<Route, HttpError> {
+        match parse_head(head.as_bytes(), &Limits::default())? {
+            Parsed::Done(r) => Ok(r.route),
+            Parsed::Partial => panic!("partial: {head:?}"),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        use HttpError::*;
+        let max = MAX_TOPICS_DEFAULT;
+        let many: String = (0..=max).map(|i| format!("topic=t{i}&")).collect();
+        let exactly: String = (0..max)
+            .map(|i| format!("topic=t{i}&topic=t{i}&"))
+            .collect();
+        let publish = |topic: &str, event: Option<&str>, id: Option<&str>, retry| Route::Publish {
+            topic: topic.into(),
+            event: event.map(Into::into),
+            id: id.map(Into::into),
+            retry,
+        };
+        let cases: Vec<(String, Result<Route, HttpError>)> = vec![
+            ("GET /events/scores".into(), Ok(sub(&["scores"], None))),
+            ("GET /events/a/b".into(), Ok(sub(&["a/b"], None))),
+            ("GET /events/a%2Fb%40c".into(), Ok(sub(&["a/b@c"], None))),
+            (
+                "GET /events?topic=a&topic=b&topic=a".into(),
+                Ok(sub(&["a", "b"], None)),
+            ),
+            (
+                "GET /events/a?topic=b&x=1".into(),
+                Ok(sub(&["a", "b"], None)),
+            ),
+            (
+                "GET /events?topic=a&lastEventId=7".into(),
+                Ok(sub(&["a"], Some("7"))),
+            ),
+            (
+                "GET /events?topic=a&last_event_id=x+y%21".into(),
+                Ok(sub(&["a"], Some("x y!"))),
+            ),
+            (
+                format!("GET /events?{exactly}"),
+                Ok(Route::Subscribe {
+                    topics: (0..max).map(|i| format!("t{i}")).collect(),
+                    last_event_id: None,
+                }),
+            ),
+            (format!("GET /events?{many}"), Err(TooManyTopics { max })),
+            ("GET /events".into(), Err(NoTopic)),
+            ("GET /events/".into(), Err(InvalidTopic)),
+            ("GET /events?topic=".into(), Err(InvalidTopic)),
+            ("GET /events?topic=a+b".into(), Err(InvalidTopic)),
+            ("GET /events/a%20b".into(), Err(InvalidTopic)),
+            ("GET /events/%ff".into(), Err(BadRequest)),
+            (
+                format!("GET /events/{}", "a".repeat(201)),
+                Err(InvalidTopic),
+            ),
+            ("POST /events/x".into(), Err(MethodNotAllowed)),
+            ("HEAD /events/x".into(), Err(MethodNotAllowed)),
+            (
+                "POST /publish/scores".into(),
+                Ok(publish("scores", None, None, None)),
+            ),
+            (
+                "POST /publish/s?event=goal&id=42&retry=3000&other=1".into(),
+                Ok(publish("s", Some("goal"), Some("42"), Some(3000))),
+            ),
+            (
+                "POST /publish?topic=s&event=".into(),
+                Ok(publish("s", None, None, None)),
+            ),
+            ("POST /publish/s?retry=-1".into(), Err(BadRequest)),
+            ("POST /publish/s?retry=99999999999".into(), Err(BadRequest)),
+            ("POST /publish/s?id=a%0Ab".into(), Err(BadRequest)),
+            ("POST /publish/bad%20topic".into(), Err(InvalidTopic)),
+            ("POST /publish".into(), Err(NoTopic)),
+            ("GET /publish/x".into(), Err(MethodNotAllowed)),
+            ("GET /healthz".into(), Ok(Route::Health)),
+            ("HEAD /healthz?x=1".into(), Ok(Route::Health)),
+            ("GET /metrics".into(), Ok(Route::Metrics)),
+            ("GET /".into(), Ok(Route::Demo)),
+            ("GET /index.html".into(), Ok(Route::Demo)),
+            ("GET http://example.com/healthz".into(), Ok(Route::Health)),
+            ("DELETE /healthz".into(), Err(MethodNotAllowed)),
+            ("OPTIONS /events/x".into(), Ok(Route::Preflight)),
+            ("OPTIONS /publish/x".into(), Ok(Route::Preflight)),
+            ("OPTIONS /nope".into(), Err(NotFound)),
+            ("GET /nope".into(), Err(NotFound)),
+            ("GET /healthz/".into(), Err(NotFound)),
+            ("GET *".into(), Err(BadRequest)),
+        ];
+        for (line, want) in cases {
+            let head = format!("{line} HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(route(&head), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn header_handling() {
+        /// (http10, keep_alive, origin, content_length, chunked, head_only)
+        type Fields = (bool, bool, Option<&'static str>, usize, bool, bool);
+        struct Case {
+            head: &'static str,
+            want: Result<Fields, HttpError>,
+        }
+        let cases = [
+            Case { head: "GET /healthz HTTP/1.1\r\n\r\n", want: Ok((false, true, None, 0, false, false)) },
+            Case { head: "GET /healthz HTTP/1.0\r\n\r\n", want: Ok((true, false, None, 0, false, false)) },
+            Case {
+                head: "GET /healthz HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+                want: Ok((true, true, None, 0, false, false)),
+            },
+            Case {
+                head: "HEAD / HTTP/1.1\r\nConnection: foo, close\r\nOrigin: https://a.example\r\n\r\n",
+                want: Ok((false, false, Some("https://a.example"), 0, false, true)),
+            },
+            Case {
+                head: "POST /publish/t HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello",
+                want: Ok((false, true, None, 5, false, false)),
+            },
+            Case {
+                head: "POST /publish/t HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                want: Ok((false, true, None, 0, true, false)),
+            },
+            Case { head: "POST /publish/t HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n", want: Err(HttpError::BadRequest) },
+            Case { head: "POST /publish/t HTTP/1.1\r\nContent-Length: +5\r\n\r\n", want: Err(HttpError::BadRequest) },
+            Case { head: "POST /publish/t HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", want: Err(HttpError::BadRequest) },
+            Case {
+                head: "POST /publish/t HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                want: Err(HttpError::BadRequest),
+            },
+            Case {
+                head: "POST /publish/t HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n",
+                want: Err(HttpError::PayloadTooLarge),
+            },
+            Case {
+                head: "POST /publish/t HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                want: Err(HttpError::PayloadTooLarge),
+            },
+            Case { head: "GET /healthz HTTP/2.0\r\n\r\n", want: Err(HttpError::VersionNotSupported) },
+            Case { head: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", want: Err(HttpError::VersionNotSupported) },
+            Case { head: "GET /healthz FOO\r\n\r\n", want: Err(HttpError::BadRequest) },
+            Case { head: "GET /healthz HTTP/1.1\r\nBad Header: x\r\n\r\n", want: Err(HttpError::BadRequest) },
+            Case { head: "\x16\x03\x01\x02\x00\x01\x00\x01\x7f\x03\x03\r\n\r\n", want: Err(HttpError::BadRequest) },
+        ];
+        for case in cases {
+            let got = parse_head(case.head.as_bytes(), &Limits::default()).map(|p| match p {
+                Parsed::Done(r) => (
+                    r.http10,
+                    r.keep_alive,
+                    r.origin,
+                    r.content_length,
+                    r.chunked_body,
+                    r.head_only,
+                ),
+                Parsed::Partial => panic!("partial {:?}", case.head),
+            });
+            let want = case
+                .want
+                .map(|(a, b, o, l, c, h)| (a, b, o.map(str::to_owned), l, c, h));
+            assert_eq!(got, want, "{:?}", case.head);
+        }
+    }
+
+    #[test]
+    fn last_event_id_header_wins() {
+        let cases = [
+            (
+                "GET /events/a?lastEventId=q HTTP/1.1\r\nLast-Event-ID: h\r\n\r\n",
+                Some("h"),
+            ),
+            (
+                "GET /events/a?last_event_id=q HTTP/1.1\r\nlast-event-id:  \r\n\r\n",
+                Some("q"),
+            ),
+            (
+                "GET /events/a HTTP/1.1\r\nLast-Event-ID: 42\r\n\r\n",
+                Some("42"),
+            ),
+            ("GET /events/a?lastEventId= HTTP/1.1\r\n\r\n", None),
+        ];
+        for (head, want) in cases {
+            assert_eq!(route(head), Ok(sub(&["a"], want)), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn partial_and_limits() {
+        let limits = Limits {
+            max_head: 64,
+            max_topics: 2,
+            max_body: 10,
+        };
+        let head = b"GET /events/a HTTP/1.1\r\nHost: x\r\n\r\nbody";
+        let full = head.len() - 4;
+        for cut in 0..full {
+            assert_eq!(
+                parse_head(&head[..cut], &limits),
+                Ok(Parsed::Partial),
+                "cut {cut}"
+            );
+        }
+        match parse_head(head, &limits) {
+            Ok(Parsed::Done(r)) => assert_eq!(r.head_len, full),
+            other => panic!("{other:?}"),
+        }
+        let big = format!("GET /healthz HTTP/1.1\r\nX: {}\r\n", "y".repeat(60));
+        assert_eq!(
+            parse_head(big.as_bytes(), &limits),
+            Err(HttpError::HeadersTooLarge)
+        );
+        let big_done = format!("GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(60));
+        assert_eq!(
+            parse_head(big_done.as_bytes(), &limits),
+            Err(HttpError::HeadersTooLarge)
+        );
+        let many: String = (0..65).map(|i| format!("X{i}: v\r\n")).collect();
+        let many = format!("GET /healthz HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(
+            parse_head(many.as_bytes(), &Limits::default()),
+            Err(HttpError::HeadersTooLarge)
+        );
+        assert_eq!(
+            parse_head(
+                b"GET /events?topic=a&topic=b&topic=c HTTP/1.1\r\n\r\n",
+                &limits
+            ),
+            Err(HttpError::TooManyTopics { max: 2 })
+        );
+    }
+
+    #[test]
+    fn statuses() {
+        let cases = [
+            (HttpError::BadRequest, 400),
+            (HttpError::InvalidTopic, 400),
+            (HttpError::NoTopic, 400),
+            (HttpError::TooManyTopics { max: 1 }, 400),
+            (HttpError::NotFound, 404),
+            (HttpError::MethodNotAllowed, 405),
+            (HttpError::PayloadTooLarge, 413),
+            (HttpError::HeadersTooLarge, 431),
+            (HttpError::VersionNotSupported, 505),
+        ];
+        for (err, status) in cases {
+            assert_eq!(err.status(), status, "{err:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = parse_head(&bytes, &Limits::default());
+        }
+
+        #[test]
+        fn prefix_is_partial_or_same(cut in 0usize..80) {
+            let head = b"GET /events?topic=a&topic=b HTTP/1.1\r\nLast-Event-ID: 3\r\n\r\n";
+            let cut = cut.min(head.len());
+            let got = parse_head(&head[..cut], &Limits::default()).unwrap();
+            if cut < head.len() {
+                proptest::prop_assert_eq!(got, Parsed::Partial);
+            } else {
+                proptest::prop_assert!(matches!(got, Parsed::Done(_)));
+            }
+        }
+    }
+}

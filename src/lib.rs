@@ -1,0 +1,93 @@
+//! herald: a Server-Sent Events fan-out engine. One event in, encoded once, pushed to
+//! every subscriber by one pinned worker per core over io_uring (or epoll).
+//!
+//! [`start`] runs a server and returns a handle; `herald serve`, the integration tests
+//! and the bench all go through it.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod engine;
+pub mod fanout;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod sse;
+pub mod timer;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use config::{BackendChoice, Config};
+use engine::worker::Shared;
+use engine::Backend;
+use ingest::listener::{IngestHandle, IngestSockets};
+
+/// A running herald.
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<io::Result<()>>>,
+    ingest: Option<IngestHandle>,
+    /// Where subscribers connect (the real port when 0 was asked for).
+    pub listen_addr: SocketAddr,
+    /// Where NDJSON publishers connect, if TCP ingest is on.
+    pub ingest_addr: Option<SocketAddr>,
+    pub backend: Backend,
+}
+
+/// Bind every socket, choose the backend and start the workers and the ingest thread.
+pub fn start(config: Config) -> io::Result<Server> {
+    let (backend, why) = engine::choose(config.backend).map_err(io::Error::other)?;
+    tracing::info!(backend = backend.name(), reason = %why, "backend chosen");
+    match engine::sys::raise_nofile_limit() {
+        Ok(n) => tracing::info!(nofile = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+    let listeners = engine::bind_listeners(config.listen, config.workers)?;
+    let listen_addr = listeners[0].local_addr()?;
+    tracing::info!(addr = %listen_addr, workers = config.workers, "listening for subscribers");
+    let sockets = IngestSockets::bind(config.ingest, config.ingest_unix.as_ref())?;
+    let ingest_addr = sockets.tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+    let shared = Shared::new(config);
+    let workers = engine::spawn_workers(&shared, backend, listeners)?;
+    let ingest = Some(ingest::listener::spawn(shared.clone(), sockets)?);
+    Ok(Server {
+        shared,
+        workers,
+        ingest,
+        listen_addr,
+        ingest_addr,
+        backend,
+    })
+}
+
+impl Server {
+    /// Whether a worker has stopped on its own (an error, or shutdown has begun).
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// Graceful stop: ingest first (everything acknowledged is already in the workers'
+    /// inboxes), then the workers drain their streams. Returns the first error seen.
+    pub fn shutdown(mut self) -> io::Result<()> {
+        tracing::info!("shutting down");
+        let mut result = Ok(());
+        if let Some(ingest) = self.ingest.take() {
+            result = ingest.stop();
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.hub.wake_all();
+        for w in self.workers.drain(..) {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("worker panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        tracing::info!("stopped");
+        result
+    }
+}

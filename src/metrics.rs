@@ -1,0 +1,181 @@
+//! Metrics: each worker counts in a plain struct on its own thread (no atomics on the
+//! per-delivery path) and publishes a copy to its shared [`WorkerStats`] once per loop
+//! turn with relaxed stores; `/metrics` renders Prometheus text from those copies.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::fanout::bus::Hub;
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident: $kind:literal, $help:literal; )*) => {
+        /// A worker's own counters, touched only by that worker.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct Counters { $( $(#[$doc])* pub $name: u64, )* }
+
+        /// The shared copy of a worker's counters.
+        #[derive(Debug, Default)]
+        pub struct WorkerStats { $( $name: AtomicU64, )* }
+
+        impl WorkerStats {
+            /// Publish the worker's current counters (once per loop turn).
+            pub fn store(&self, c: &Counters) {
+                $( self.$name.store(c.$name, Ordering::Relaxed); )*
+            }
+
+            pub fn load(&self) -> Counters {
+                Counters { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+
+        const FIELDS: &[(&str, &str, &str)] = &[ $( (stringify!($name), $kind, $help), )* ];
+
+        impl Counters {
+            fn values(&self) -> Vec<u64> { vec![ $( self.$name, )* ] }
+        }
+    };
+}
+
+counters! {
+    connections_open: "gauge", "Connections currently open";
+    connections_accepted: "counter", "Connections accepted";
+    connections_closed: "counter", "Connections closed";
+    connections_rejected: "counter", "Connections refused with 503 (over --max-connections or --accept-rate)";
+    streams_open: "gauge", "SSE streams currently open";
+    streams_started: "counter", "SSE streams started";
+    events_received: "counter", "Events handed to this worker by the hub";
+    events_delivered: "counter", "Events fully written to a subscriber socket";
+    bytes_written: "counter", "Bytes written to client sockets";
+    writes: "counter", "Write operations submitted (one per connection per loop turn at most)";
+    keepalives: "counter", "Keep-alive comments sent";
+    slow_consumer_disconnects: "counter", "Subscribers disconnected for exceeding the backlog or write-stall limit";
+    head_timeouts: "counter", "Connections closed for not sending a request head in time";
+    http_errors: "counter", "Requests answered with a 4xx/5xx status";
+    http_publishes: "counter", "Events published with POST /publish";
+    topics_closed_streams: "counter", "Streams ended by a topic close control message";
+    loop_turns: "counter", "Event loop iterations";
+}
+
+/// Render `/metrics`: hub totals, then per-worker series labelled `worker`, then sums.
+pub fn render(hub: &Hub, workers: &[std::sync::Arc<WorkerStats>], backend: &str) -> String {
+    let mut out = String::with_capacity(4096);
+    let per: Vec<Vec<u64>> = workers.iter().map(|w| w.load().values()).collect();
+    let _ = writeln!(out, "# HELP herald_info Build and backend information");
+    let _ = writeln!(out, "# TYPE herald_info gauge");
+    let _ = writeln!(
+        out,
+        "herald_info{{version=\"{}\",backend=\"{backend}\",workers=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        workers.len()
+    );
+    for (i, (name, kind, help)) in FIELDS.iter().enumerate() {
+        let suffix = if *kind == "counter" { "_total" } else { "" };
+        let _ = writeln!(out, "# HELP herald_{name}{suffix} {help}");
+        let _ = writeln!(out, "# TYPE herald_{name}{suffix} {kind}");
+        let sum: u64 = per.iter().map(|v| v[i]).sum();
+        let _ = writeln!(out, "herald_{name}{suffix} {sum}");
+        for (w, v) in per.iter().enumerate() {
+            let _ = writeln!(out, "herald_{name}{suffix}{{worker=\"{w}\"}} {}", v[i]);
+        }
+    }
+    let s = &hub.stats;
+    let (topics, events, bytes) = hub.history_size();
+    for (name, kind, help, v) in [
+        (
+            "events_ingested_total",
+            "counter",
+            "Events accepted for publishing",
+            s.published.load(Ordering::Relaxed),
+        ),
+        (
+            "events_rejected_total",
+            "counter",
+            "Publishes refused as invalid",
+            s.rejected.load(Ordering::Relaxed),
+        ),
+        (
+            "replays_total",
+            "counter",
+            "Subscriptions resumed with Last-Event-ID",
+            s.replays.load(Ordering::Relaxed),
+        ),
+        (
+            "replayed_events_total",
+            "counter",
+            "Retained events replayed on resume",
+            s.replayed_events.load(Ordering::Relaxed),
+        ),
+        (
+            "gap_signals_total",
+            "counter",
+            "herald-gap events sent (resume id unknown or no longer retained)",
+            s.gaps.load(Ordering::Relaxed),
+        ),
+        (
+            "topics_closed_total",
+            "counter",
+            "Topic close control messages",
+            s.topics_closed.load(Ordering::Relaxed),
+        ),
+        (
+            "history_topics",
+            "gauge",
+            "Topics with retained history",
+            topics as u64,
+        ),
+        (
+            "history_events",
+            "gauge",
+            "Events retained for resume",
+            events as u64,
+        ),
+        (
+            "history_bytes",
+            "gauge",
+            "Bytes retained for resume",
+            bytes as u64,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP herald_{name} {help}");
+        let _ = writeln!(out, "# TYPE herald_{name} {kind}");
+        let _ = writeln!(out, "herald_{name} {v}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::topic::Limits;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn render_sums_workers_and_labels_each() {
+        let hub = Hub::new(
+            2,
+            Limits {
+                max_events: 1,
+                max_bytes: 1,
+                max_age: Duration::from_secs(1),
+            },
+        );
+        let a = Arc::new(WorkerStats::default());
+        let b = Arc::new(WorkerStats::default());
+        a.store(&Counters {
+            events_delivered: 3,
+            connections_open: 1,
+            ..Counters::default()
+        });
+        b.store(&Counters {
+            events_delivered: 4,
+            ..Counters::default()
+        });
+        let text = render(&hub, &[a, b], "epoll");
+        assert!(text.contains("herald_events_delivered_total 7\n"), "{text}");
+        assert!(text.contains("herald_events_delivered_total{worker=\"1\"} 4\n"));
+        assert!(text.contains("herald_connections_open 1\n"));
+        assert!(text.contains("# TYPE herald_connections_open gauge\n"));
+        assert!(text.contains("herald_info{version="));
+    }
+}
