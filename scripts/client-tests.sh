@@ -47,7 +47,7 @@ timeout -k 10 600 node --test --test-concurrency=1 --test-reporter=spec \
 # ---- python: httpx-sse
 echo "== pytest tests/clients"
 py_rc=0
-timeout -k 10 300 "$ROOT/tests/clients/.venv/bin/python" -m pytest -q -p no:cacheprovider \
+timeout -k 10 300 "$ROOT/tests/clients/.venv/bin/python" -m pytest -q --tb=short -p no:cacheprovider \
     tests/clients 2>&1 | tee "$OUT/pytest.log" || py_rc=$?
 
 # ---- summary
