@@ -37,8 +37,19 @@ fn kernel_release() -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// `Ok(())` if the uring backend can run here, else why not.
+/// `Ok(())` if the uring backend can run here, else why not. The probe ring lives on a
+/// short-lived thread of its own: tearing a ring down queues task work on the thread that
+/// made it, which would interrupt that thread's next blocking socket call with EINTR.
 pub fn check() -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("herald-probe".into())
+        .spawn(check_here)
+        .map_err(|e| format!("cannot start the probe thread: {e}"))?
+        .join()
+        .unwrap_or_else(|_| Err("the io_uring probe panicked".into()))
+}
+
+fn check_here() -> Result<(), String> {
     match kernel_release() {
         Some(v) if v < MIN_KERNEL => {
             return Err(format!(

@@ -191,6 +191,9 @@ struct Driver {
     wake_armed: bool,
     /// SQEs that did not fit in the submission queue, pushed first next time.
     backlog: VecDeque<squeue::Entry>,
+    /// Boxed on purpose: a block moves between this pool and a connection while the
+    /// kernel may hold its address, so it must not live inline in a growable Vec.
+    #[allow(clippy::vec_box)]
     send_pool: Vec<Box<SendBuf>>,
     /// Connections whose multishot recv ended for lack of buffers: re-armed next turn.
     rearm: Vec<ConnId>,
@@ -481,12 +484,14 @@ impl Driver {
                 self.arm_recv(c);
             }
         } else if res == 0 {
+            tracing::trace!(worker = self.core.id, conn = c, "peer closed");
             self.core.handle_eof(c);
         } else if -res == libc::ENOBUFS {
             if !closing {
                 self.rearm.push(c);
             }
         } else if -res != libc::ECANCELED {
+            tracing::warn!(worker = self.core.id, conn = c, error = %io::Error::from_raw_os_error(-res), "recv failed");
             self.core.handle_eof(c);
         }
         self.maybe_release(c);

@@ -466,82 +466,88 @@ impl<H> Core<H> {
 
     /// Parse and act on buffered input (or `direct` bytes when nothing is buffered).
     fn process_input(&mut self, c: ConnId, direct: Option<&[u8]>) -> ReadOutcome {
-        loop {
-            let Some(conn) = self.conns.get_mut(c as usize) else {
-                return ReadOutcome::Stop;
+        match self.conns.get(c as usize).map(|cn| cn.phase) {
+            Some(Phase::Head) => self.process_head(c, direct),
+            Some(Phase::Body) => self.process_body(c),
+            Some(Phase::Closing) | None => ReadOutcome::Stop,
+            Some(_) => ReadOutcome::Continue,
+        }
+    }
+
+    fn process_head(&mut self, c: ConnId, direct: Option<&[u8]>) -> ReadOutcome {
+        enum Step {
+            More(Option<Vec<u8>>),
+            Request(Request, Vec<u8>),
+            Refuse(HttpError),
+        }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return ReadOutcome::Stop;
+        };
+        let step = {
+            let buf: &[u8] = match (direct, conn.rbuf.as_ref()) {
+                (Some(d), _) => d,
+                (None, Some(rb)) => &rb.buf,
+                (None, None) => return ReadOutcome::Continue,
             };
-            match conn.phase {
-                Phase::Head => {
-                    enum Step {
-                        More(Option<Vec<u8>>),
-                        Request(Request, Vec<u8>),
-                        Refuse(HttpError),
-                    }
-                    let step = {
-                        let buf: &[u8] = match (direct, conn.rbuf.as_ref()) {
-                            (Some(d), _) => d,
-                            (None, Some(rb)) => &rb.buf,
-                            (None, None) => return ReadOutcome::Continue,
-                        };
-                        if buf.is_empty() {
-                            return ReadOutcome::Continue;
-                        }
-                        match parse_head(buf, &self.limits) {
-                            Ok(Parsed::Partial) => Step::More(direct.map(<[u8]>::to_vec)),
-                            Ok(Parsed::Done(req)) => {
-                                let rest = buf[req.head_len..].to_vec();
-                                Step::Request(req, rest)
-                            }
-                            Err(e) => Step::Refuse(e),
-                        }
-                    };
-                    match step {
-                        Step::More(copy) => {
-                            if let Some(buf) = copy {
-                                conn.rbuf = Some(Box::new(ReadBuf { buf, publish: None }));
-                            }
-                            return ReadOutcome::Continue;
-                        }
-                        Step::Request(req, rest) => {
-                            conn.rbuf = (!rest.is_empty()).then(|| {
-                                Box::new(ReadBuf {
-                                    buf: rest,
-                                    publish: None,
-                                })
-                            });
-                            if !self.handle_request(c, req) {
-                                return ReadOutcome::Stop;
-                            }
-                            // A publish body or a pipelined request may follow.
-                            return self.process_input(c, None);
-                        }
-                        Step::Refuse(e) => {
-                            self.fail(c, e);
-                            return ReadOutcome::Stop;
-                        }
-                    }
+            if buf.is_empty() {
+                return ReadOutcome::Continue;
+            }
+            match parse_head(buf, &self.limits) {
+                Ok(Parsed::Partial) => Step::More(direct.map(<[u8]>::to_vec)),
+                Ok(Parsed::Done(req)) => {
+                    let rest = buf[req.head_len..].to_vec();
+                    Step::Request(req, rest)
                 }
-                Phase::Body => {
-                    let Some(rb) = conn.rbuf.as_mut() else {
-                        return ReadOutcome::Continue;
-                    };
-                    let Some(req) = rb.publish.as_ref() else {
-                        self.close(c);
-                        return ReadOutcome::Stop;
-                    };
-                    if rb.buf.len() < req.content_length {
-                        return ReadOutcome::Continue;
-                    }
-                    let mut body = std::mem::take(&mut rb.buf);
-                    let rest = body.split_off(req.content_length);
-                    let req = rb.publish.take().expect("checked above");
-                    rb.buf = rest;
-                    self.finish_publish(c, *req, body);
-                    return ReadOutcome::Continue;
+                Err(e) => Step::Refuse(e),
+            }
+        };
+        match step {
+            Step::More(copy) => {
+                if let Some(buf) = copy {
+                    conn.rbuf = Some(Box::new(ReadBuf { buf, publish: None }));
                 }
-                _ => return ReadOutcome::Continue,
+                ReadOutcome::Continue
+            }
+            Step::Request(req, rest) => {
+                conn.rbuf = (!rest.is_empty()).then(|| {
+                    Box::new(ReadBuf {
+                        buf: rest,
+                        publish: None,
+                    })
+                });
+                if !self.handle_request(c, req) {
+                    return ReadOutcome::Stop;
+                }
+                // A publish body or a pipelined request may follow.
+                self.process_input(c, None)
+            }
+            Step::Refuse(e) => {
+                self.fail(c, e);
+                ReadOutcome::Stop
             }
         }
+    }
+
+    fn process_body(&mut self, c: ConnId) -> ReadOutcome {
+        let Some(rb) = self
+            .conns
+            .get_mut(c as usize)
+            .and_then(|cn| cn.rbuf.as_mut())
+        else {
+            return ReadOutcome::Continue;
+        };
+        let Some(want) = rb.publish.as_ref().map(|r| r.content_length) else {
+            self.close(c);
+            return ReadOutcome::Stop;
+        };
+        if rb.buf.len() < want {
+            return ReadOutcome::Continue;
+        }
+        let mut body = std::mem::take(&mut rb.buf);
+        rb.buf = body.split_off(want);
+        let req = rb.publish.take().expect("checked above");
+        self.finish_publish(c, *req, body);
+        ReadOutcome::Continue
     }
 
     /// Act on a parsed request head. Returns false if the connection is done.

@@ -1,0 +1,116 @@
+//! CONTRACT "Publishing": TCP and Unix ingest, HTTP POST, error lines, validation.
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+
+#[test]
+fn tcp_ingest_publishes_valid_lines_and_answers_bad_ones_with_their_line_number() {
+    let Some(s) = start(|_| {}) else { return };
+    let mut c = Client::subscribe(s.addr, "/events/t");
+    wait_streams(s.addr, 1);
+    let lines = vec![
+        event_line("t", "one"),
+        "not json".to_string(),
+        r#"{"data":"no topic"}"#.to_string(),
+        String::new(),
+        r#"{"topic":"bad topic!","data":"x"}"#.to_string(),
+        r#"{"topic":"t","data":"x","id":"a\nb"}"#.to_string(),
+        r#"{"topic":"t","data":"x","event":"a\rb"}"#.to_string(),
+        r#"{"topic":"t","data":"x","id":"a\u0000b"}"#.to_string(),
+        r#"{"topic":"t","data":7}"#.to_string(),
+        event_line("t", "two"),
+    ];
+    let replies = ingest(s.ingest, &lines);
+    let lines_with_errors: Vec<u64> = replies
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r).expect("error replies are JSON");
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{r}");
+            v["line"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(lines_with_errors, [2, 3, 5, 6, 7, 8, 9]);
+    let evs = c.wait_events(2);
+    assert_eq!(
+        evs.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+        ["one", "two"]
+    );
+    s.stop();
+}
+
+#[test]
+fn unix_socket_ingest_publishes() {
+    let dir = std::env::temp_dir().join(format!("herald-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ingest.sock");
+    let p2 = path.clone();
+    let Some(s) = start(move |c| c.ingest_unix = Some(p2)) else {
+        return;
+    };
+    let mut c = Client::subscribe(s.addr, "/events/u");
+    wait_streams(s.addr, 1);
+    let mut u = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    writeln!(u, "{}", event_line("u", "over unix")).unwrap();
+    writeln!(u, "{{oops").unwrap();
+    u.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    u.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains("\"line\":2"), "{reply}");
+    assert_eq!(c.wait_events(1)[0].data, "over unix");
+    s.stop();
+    assert!(!path.exists(), "socket file removed on shutdown");
+}
+
+#[test]
+fn http_publish_returns_the_id_and_reaches_subscribers() {
+    let Some(s) = start(|_| {}) else { return };
+    let mut c = Client::subscribe(s.addr, "/events/h");
+    wait_streams(s.addr, 1);
+    let r = http_publish(s.addr, "h?event=note&id=abc", "posted\nbody");
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["id"], "abc");
+    let r = http_publish(s.addr, "h", "auto id");
+    let auto: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let evs = c.wait_events(2);
+    assert_eq!(
+        (
+            evs[0].event.as_str(),
+            evs[0].data.as_str(),
+            evs[0].id.as_deref()
+        ),
+        ("note", "posted\nbody", Some("abc"))
+    );
+    assert_eq!(evs[1].id.as_deref(), auto["id"].as_str());
+    // Bad id over HTTP: 400, and nothing is published.
+    let r = http_publish(s.addr, "h?id=a%0Ab", "x");
+    assert_eq!(r.status, 400, "{}", r.text());
+    s.stop();
+}
+
+#[test]
+fn http_publish_is_refused_from_addresses_not_allowed() {
+    let Some(s) = start(|c| c.publish_allow = vec!["10.0.0.0/8".parse().unwrap()]) else {
+        return;
+    };
+    let r = http_publish(s.addr, "t", "x");
+    assert_eq!(r.status, 403);
+    assert_eq!(http_get(s.addr, "/healthz").status, 200);
+    s.stop();
+}
+
+#[test]
+fn an_overlong_ingest_line_gets_an_error_and_the_connection_survives() {
+    let Some(s) = start(|c| c.max_event = 1024) else {
+        return;
+    };
+    let mut c = Client::subscribe(s.addr, "/events/t");
+    wait_streams(s.addr, 1);
+    let big = event_line("t", &"x".repeat(64 * 1024));
+    let replies = ingest(s.ingest, &[big, event_line("t", "small")]);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert!(replies[0].contains("\"line\":1"));
+    assert_eq!(c.wait_events(1)[0].data, "small");
+    s.stop();
+}
