@@ -3,47 +3,7 @@
 mod common;
 
 use common::*;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(args: &[&str]) -> Option<(Child, SocketAddr)> {
-    let backend = match backend()? {
-        herald::BackendChoice::Uring => "uring",
-        herald::BackendChoice::Epoll => "epoll",
-        herald::BackendChoice::Auto => "auto",
-    };
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let ingest = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
-            "serve",
-            "--listen",
-            &listen.to_string(),
-            "--ingest",
-            &ingest,
-            "--backend",
-            backend,
-            "--workers",
-            "2",
-        ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn herald");
-    wait_for("herald to listen", || {
-        std::net::TcpStream::connect(listen).is_ok()
-    });
-    Some((child, listen))
-}
+use std::process::Command;
 
 #[test]
 fn sigterm_flushes_every_acknowledged_event_and_exits_zero() {

@@ -551,3 +551,57 @@ impl CrowdConn {
         }
     }
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start the real `herald serve` binary on free ports with the backend under test.
+pub fn spawn(args: &[&str]) -> Option<(std::process::Child, SocketAddr)> {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ingest: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    spawn_at(listen, ingest, args)
+}
+
+/// Start `herald serve` on the given ports; returns once it accepts connections.
+pub fn spawn_at(
+    listen: SocketAddr,
+    ingest: SocketAddr,
+    args: &[&str],
+) -> Option<(std::process::Child, SocketAddr)> {
+    let backend = match backend()? {
+        BackendChoice::Uring => "uring",
+        BackendChoice::Epoll => "epoll",
+        BackendChoice::Auto => "auto",
+    };
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "serve",
+            "--listen",
+            &listen.to_string(),
+            "--ingest",
+            &ingest.to_string(),
+        ])
+        .args(["--backend", backend, "--workers", "2"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn herald");
+    wait_for("herald to listen", || {
+        TcpStream::connect(listen).is_ok() && TcpStream::connect(ingest).is_ok()
+    });
+    Some((child, listen))
+}
+
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig}");
+}
