@@ -704,3 +704,33 @@ fn sockaddr_ip(ss: &libc::sockaddr_storage) -> Option<IpAddr> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for (kind, gen, c) in [
+            (op::SEND, 0xff_ffff, u32::MAX),
+            (op::RECV, 1, 0),
+            (op::CLOSE, 0x12_3456, 77),
+        ] {
+            assert_eq!(split(user_data(kind, gen, c)), (kind, gen, c));
+        }
+        // Generations wrap within 24 bits instead of bleeding into the kind.
+        assert_eq!(
+            split(user_data(op::SEND, 0x1ff_ffff, 5)),
+            (op::SEND, 0xff_ffff, 5)
+        );
+    }
+
+    #[test]
+    fn an_idle_connection_record_is_small() {
+        // The whole per-connection record, as the slab stores it; the budget for an idle
+        // subscriber (record + wheel entry + subscriber slot) is 256 bytes.
+        let record = std::mem::size_of::<super::super::worker::Conn<UConn>>();
+        eprintln!("Conn<UConn>: {record} bytes");
+        assert!(record <= 128, "Conn<UConn> is {record} bytes");
+    }
+}
