@@ -97,6 +97,13 @@ pub struct Settings {
     /// Serve the demo page at GET / [default: true]
     #[arg(long)]
     pub demo: Option<bool>,
+    /// io_uring: direct descriptors per ring; a worker opens another ring when one is
+    /// full [default: the open-files limit, the kernel's cap]
+    #[arg(long)]
+    pub uring_table: Option<u32>,
+    /// io_uring: most rings per worker [default: 64]
+    #[arg(long)]
+    pub uring_rings: Option<usize>,
 }
 
 /// The validated configuration every part of herald reads.
@@ -125,6 +132,8 @@ pub struct Config {
     pub cors_credentials: bool,
     pub publish_allow: Vec<IpNet>,
     pub demo: bool,
+    pub uring_table: Option<u32>,
+    pub uring_rings: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +223,8 @@ impl Config {
             cors_credentials: s.cors_credentials.unwrap_or(false),
             publish_allow,
             demo: s.demo.unwrap_or(true),
+            uring_table: s.uring_table,
+            uring_rings: s.uring_rings.unwrap_or(64),
         };
         if cfg.keepalive < Duration::from_millis(10) {
             return Err(value("keepalive", "must be at least 10ms"));
@@ -223,6 +234,12 @@ impl Config {
         }
         if cfg.max_topics == 0 {
             return Err(value("max-topics", "must be at least 1"));
+        }
+        if cfg.uring_table.is_some_and(|t| t < 16) || !(1..=256).contains(&cfg.uring_rings) {
+            return Err(value(
+                "uring-table",
+                "at least 16 per ring, and 1 to 256 rings",
+            ));
         }
         if cfg.workers > 1024 {
             return Err(value("workers", "at most 1024"));
@@ -261,6 +278,8 @@ impl Settings {
             cors_credentials,
             publish_allow,
             demo,
+            uring_table,
+            uring_rings,
         )
     }
 }

@@ -1,9 +1,14 @@
 //! The io_uring backend: all io_uring code lives here. Connections are accepted straight
-//! into the ring's fixed-file table (direct descriptors, so a process can hold more
-//! connections than its fd limit), read with one multishot `RECV` each from a shared
-//! provided-buffer ring (an idle subscriber holds no read buffer, and the recv's EOF tells us
-//! the peer left), and written with at most one `SENDMSG` in flight per connection, carrying
-//! every pending frame. SQEs are submitted in batches, once per loop turn.
+//! into a ring's fixed-file table (direct descriptors, so a process can hold more
+//! connections than its fd limit), read with one multishot `RECV` each from a provided-buffer
+//! ring (an idle subscriber holds no read buffer, and the recv's EOF tells us the peer
+//! left), and written with at most one `SENDMSG` in flight per connection, carrying every
+//! pending frame. SQEs are submitted in batches, once per loop turn.
+//!
+//! A fixed-file table is capped by the open-files limit, so a worker owns one or more
+//! *shards* (a ring, its table, its provided buffers) and opens another when the current
+//! ones are full. The worker blocks on shard 0, which polls the eventfd every other shard
+//! signals when it has completions.
 //!
 //! Memory the kernel may touch is owned here until its completion arrives: the iovec block
 //! of a send (`SendBuf`, boxed, pooled), the accept address slots, the wake-up read buffer,
@@ -15,7 +20,7 @@
 use std::alloc::{self, Layout};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -48,6 +53,8 @@ mod op {
     pub const CLOSE: u8 = 4;
     pub const WAKE: u8 = 5;
     pub const CANCEL: u8 = 6;
+    /// Shard 0's poll on another shard's eventfd; the id is the shard index.
+    pub const SHARD: u8 = 7;
 }
 
 fn user_data(kind: u8, gen: u32, c: u32) -> u64 {
@@ -60,7 +67,9 @@ fn split(ud: u64) -> (u8, u32, u32) {
 
 /// The uring side of a connection.
 pub struct UConn {
-    /// Index in the fixed-file table.
+    /// The shard (ring) whose fixed-file table holds it.
+    shard: u16,
+    /// Index in that table.
     slot: u32,
     /// Operations submitted whose final completion has not arrived.
     ops: u8,
@@ -178,163 +187,48 @@ impl Wake for EventfdWake {
     }
 }
 
-struct Driver {
-    // Field order matters: the ring is dropped (and with it every registration) before
-    // the memory it may point into.
+/// One ring and what is registered on it.
+struct Shard {
+    // Field order matters: the ring (and its registrations) goes before the memory it uses.
     ring: IoUring,
-    core: Core<UConn>,
     bufs: BufRing,
     accepts: Box<[AcceptSlot]>,
-    listener: Option<TcpListener>,
-    efd: OwnedFd,
-    wake_buf: Box<u64>,
-    wake_armed: bool,
     /// SQEs that did not fit in the submission queue, pushed first next time.
     backlog: VecDeque<squeue::Entry>,
-    /// Boxed on purpose: a block moves between this pool and a connection while the
-    /// kernel may hold its address, so it must not live inline in a growable Vec.
-    #[allow(clippy::vec_box)]
-    send_pool: Vec<Box<SendBuf>>,
-    /// Connections whose multishot recv ended for lack of buffers: re-armed next turn.
-    rearm: Vec<ConnId>,
-    accept_retry: Option<Instant>,
-    cqes: Vec<(u64, i32, u32)>,
+    /// Connections whose descriptor lives in this table (until their CLOSE completes).
+    open: u32,
+    /// Shards other than 0: the eventfd registered with this ring, polled by shard 0.
+    notify: Option<File>,
+    notify_armed: bool,
 }
 
-/// Run worker `id` on io_uring until shutdown has drained it.
-pub fn run(id: usize, shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
-    let nofile = sys::raise_nofile_limit().unwrap_or(1024);
-    let ring = probe::build_ring(SQ_ENTRIES)?;
-    let mut table = nofile.min(MAX_TABLE) as u32;
-    loop {
-        match ring.submitter().register_files_sparse(table) {
-            Ok(()) => break,
-            Err(e) if table > 1024 => {
-                tracing::warn!(worker = id, table, error = %e, "fixed-file table too large; halving");
-                table /= 2;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    tracing::info!(worker = id, direct_descriptors = table, "io_uring ready");
-    let bufs = BufRing::new(&ring)?;
-    let efd = sys::eventfd()?;
-    shared
-        .hub
-        .inbox(id)
-        .set_waker(Box::new(EventfdWake(File::from(efd.try_clone()?))));
-    let mut d = Driver {
-        ring,
-        core: Core::new(id, shared.clone()),
-        bufs,
-        accepts: (0..ACCEPTS)
-            .map(|_| AcceptSlot {
-                // SAFETY: sockaddr_storage is plain old data; zero is a valid value.
-                addr: unsafe { std::mem::zeroed() },
-                len: 0,
-                armed: false,
-            })
-            .collect(),
-        listener: Some(listener),
-        efd,
-        wake_buf: Box::new(0),
-        wake_armed: false,
-        backlog: VecDeque::new(),
-        send_pool: Vec::new(),
-        rearm: Vec::new(),
-        accept_retry: None,
-        cqes: Vec::with_capacity(1024),
-    };
-    for i in 0..ACCEPTS {
-        d.arm_accept(i);
-    }
-    d.arm_wake();
-    let result = d.run_loop(&shared);
-    d.finish();
-    result
-}
-
-impl Driver {
-    fn run_loop(&mut self, shared: &Shared) -> io::Result<()> {
-        let id = self.core.id;
-        let mut ready = Vec::new();
-        let mut closing = Vec::new();
-        let mut drain_deadline: Option<Instant> = None;
-        let mut forced = false;
-        loop {
-            self.core.update_clock();
-            self.reap();
-            self.core.drain_inbox();
-            self.core.handle_tick();
-            if shared.stop.load(Ordering::Acquire) && !self.core.is_draining() {
-                self.stop_accepting();
-                self.core.begin_drain();
-                drain_deadline =
-                    Some(Instant::now() + shared.config.drain_window + Duration::from_secs(2));
-                tracing::info!(
-                    worker = id,
-                    connections = self.core.conn_count(),
-                    "draining"
-                );
-            }
-            if let Some(at) = self.accept_retry {
-                if Instant::now() >= at {
-                    self.accept_retry = None;
-                    for i in 0..ACCEPTS {
-                        self.arm_accept(i);
-                    }
-                }
-            }
-            for c in std::mem::take(&mut self.rearm) {
-                self.arm_recv(c);
-            }
-            self.flush_writes(&mut ready);
-            self.core.take_closing(&mut closing);
-            for &c in &closing {
-                self.start_close(c);
-            }
-            self.core.publish_stats();
-            if let Some(deadline) = drain_deadline {
-                if self.core.conn_count() == 0 {
-                    tracing::info!(worker = id, "worker stopped");
-                    return Ok(());
-                }
-                if Instant::now() >= deadline {
-                    if forced && Instant::now() >= deadline + Duration::from_secs(2) {
-                        tracing::warn!(
-                            worker = id,
-                            left = self.core.conn_count(),
-                            "stopping with connections still closing"
-                        );
-                        return Ok(());
-                    }
-                    if !forced {
-                        forced = true;
-                        tracing::warn!(
-                            worker = id,
-                            left = self.core.conn_count(),
-                            "drain window over; closing the rest"
-                        );
-                        for c in self.core.iter_ids() {
-                            self.core.close(c);
-                        }
-                    }
-                }
-            }
-            let busy = self.core.has_work() || !self.rearm.is_empty();
-            let wait = !busy && self.core.park();
-            let mut timeout = self.core.poll_timeout();
-            if self.accept_retry.is_some() || drain_deadline.is_some() {
-                timeout = timeout.min(Duration::from_millis(50));
-            }
-            self.submit(if wait { 1 } else { 0 }, timeout)?;
-        }
+impl Shard {
+    fn new(table: u32) -> io::Result<Shard> {
+        let ring = probe::build_ring(SQ_ENTRIES)?;
+        ring.submitter().register_files_sparse(table)?;
+        let bufs = BufRing::new(&ring)?;
+        Ok(Shard {
+            ring,
+            bufs,
+            accepts: (0..ACCEPTS)
+                .map(|_| AcceptSlot {
+                    // SAFETY: sockaddr_storage is plain old data; zero is a valid value.
+                    addr: unsafe { std::mem::zeroed() },
+                    len: 0,
+                    armed: false,
+                })
+                .collect(),
+            backlog: VecDeque::new(),
+            open: 0,
+            notify: None,
+            notify_armed: false,
+        })
     }
 
     /// Push an SQE, spilling to the local backlog if the submission queue is full.
     fn push(&mut self, entry: squeue::Entry) {
         if self.backlog.is_empty() {
-            // SAFETY: every pointer in `entry` targets memory owned by this driver (a
+            // SAFETY: every pointer in `entry` targets memory owned by the driver (a
             // `SendBuf` held by the connection, an accept slot, the wake buffer) or by the
             // worker core (frames pinned by cursors), alive until the op's completion.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
@@ -350,8 +244,7 @@ impl Driver {
         self.backlog.push_back(entry);
     }
 
-    /// Submit everything queued and wait for `want` completions or `timeout`.
-    fn submit(&mut self, want: usize, timeout: Duration) -> io::Result<()> {
+    fn flush_backlog(&mut self) {
         while let Some(e) = self.backlog.pop_front() {
             // SAFETY: see `push`.
             if unsafe { self.ring.submission().push(&e) }.is_err() {
@@ -359,6 +252,12 @@ impl Driver {
                 break;
             }
         }
+    }
+
+    /// Submit queued SQEs and wait for `want` completions or `timeout`. With
+    /// DEFER_TASKRUN this is also what runs the ring's completion work.
+    fn submit(&mut self, want: usize, timeout: Duration) -> io::Result<()> {
+        self.flush_backlog();
         let want = if self.backlog.is_empty() { want } else { 0 };
         let ts = Timespec::new()
             .sec(timeout.as_secs())
@@ -377,32 +276,178 @@ impl Driver {
             Err(e) => Err(e),
         }
     }
+}
 
-    /// Take every completion now in the queue and act on it.
-    fn reap(&mut self) {
-        let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.extend(
-            self.ring
-                .completion()
-                .map(|e| (e.user_data(), e.result(), e.flags())),
-        );
-        for &(ud, res, flags) in &cqes {
-            self.dispatch(ud, res, flags);
+struct Driver {
+    shards: Vec<Shard>,
+    core: Core<UConn>,
+    listener: Option<TcpListener>,
+    /// Direct descriptors per shard.
+    table: u32,
+    max_shards: usize,
+    efd: OwnedFd,
+    wake_buf: Box<u64>,
+    wake_armed: bool,
+    /// Boxed on purpose: a block moves between this pool and a connection while the
+    /// kernel may hold its address, so it must not live inline in a growable Vec.
+    #[allow(clippy::vec_box)]
+    send_pool: Vec<Box<SendBuf>>,
+    /// Connections whose multishot recv ended for lack of buffers: re-armed next turn.
+    rearm: Vec<ConnId>,
+    accept_retry: Option<Instant>,
+    cqes: Vec<(u64, i32, u32)>,
+}
+
+/// Run worker `id` on io_uring until shutdown has drained it.
+pub fn run(id: usize, shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+    let nofile = sys::raise_nofile_limit().unwrap_or(1024);
+    let table = shared
+        .config
+        .uring_table
+        .map_or(nofile.min(MAX_TABLE) as u32, |t| t.min(nofile as u32));
+    let first = Shard::new(table)?;
+    let efd = sys::eventfd()?;
+    shared
+        .hub
+        .inbox(id)
+        .set_waker(Box::new(EventfdWake(File::from(efd.try_clone()?))));
+    tracing::info!(
+        worker = id,
+        direct_descriptors_per_ring = table,
+        max_rings = shared.config.uring_rings,
+        "io_uring ready"
+    );
+    let mut d = Driver {
+        shards: vec![first],
+        core: Core::new(id, shared.clone()),
+        listener: Some(listener),
+        table,
+        max_shards: shared.config.uring_rings,
+        efd,
+        wake_buf: Box::new(0),
+        wake_armed: false,
+        send_pool: Vec::new(),
+        rearm: Vec::new(),
+        accept_retry: None,
+        cqes: Vec::with_capacity(1024),
+    };
+    d.arm_accepts();
+    d.arm_wake();
+    let result = d.run_loop(&shared);
+    d.finish();
+    result
+}
+
+impl Driver {
+    fn run_loop(&mut self, shared: &Shared) -> io::Result<()> {
+        let id = self.core.id;
+        let mut ready = Vec::new();
+        let mut closing = Vec::new();
+        let mut drain_deadline: Option<Instant> = None;
+        let mut forced = false;
+        loop {
+            self.core.update_clock();
+            self.reap_all()?;
+            self.core.drain_inbox();
+            self.core.handle_tick();
+            if shared.stop.load(Ordering::Acquire) && !self.core.is_draining() {
+                self.stop_accepting();
+                self.core.begin_drain();
+                drain_deadline =
+                    Some(Instant::now() + shared.config.drain_window + Duration::from_secs(2));
+                tracing::info!(
+                    worker = id,
+                    connections = self.core.conn_count(),
+                    "draining"
+                );
+            }
+            if self.accept_retry.is_some_and(|at| Instant::now() >= at) {
+                self.accept_retry = None;
+                self.arm_accepts();
+            }
+            for c in std::mem::take(&mut self.rearm) {
+                self.arm_recv(c);
+            }
+            self.flush_writes(&mut ready);
+            self.core.take_closing(&mut closing);
+            for &c in &closing {
+                self.start_close(c);
+            }
+            self.core.publish_stats();
+            if let Some(deadline) = drain_deadline {
+                if self.core.conn_count() == 0 {
+                    tracing::info!(worker = id, "worker stopped");
+                    return Ok(());
+                }
+                let now = Instant::now();
+                if now >= deadline && !forced {
+                    forced = true;
+                    tracing::warn!(
+                        worker = id,
+                        left = self.core.conn_count(),
+                        "drain window over; closing the rest"
+                    );
+                    for c in self.core.iter_ids() {
+                        self.core.close(c);
+                    }
+                } else if forced && now >= deadline + Duration::from_secs(2) {
+                    tracing::warn!(
+                        worker = id,
+                        left = self.core.conn_count(),
+                        "stopping with connections still closing"
+                    );
+                    return Ok(());
+                }
+            }
+            for sh in self.shards.iter_mut().skip(1) {
+                sh.submit(0, Duration::ZERO)?;
+            }
+            let busy = self.core.has_work() || !self.rearm.is_empty();
+            let wait = !busy && self.core.park();
+            let mut timeout = self.core.poll_timeout();
+            if self.accept_retry.is_some() || drain_deadline.is_some() {
+                timeout = timeout.min(Duration::from_millis(50));
+            }
+            self.shards[0].submit(usize::from(wait), timeout)?;
         }
-        cqes.clear();
-        self.cqes = cqes;
     }
 
-    fn dispatch(&mut self, ud: u64, res: i32, flags: u32) {
+    /// Take every completion now in every shard and act on it.
+    fn reap_all(&mut self) -> io::Result<()> {
+        for k in 0..self.shards.len() {
+            if k > 0 {
+                // Runs the shard's deferred completion work (DEFER_TASKRUN).
+                self.shards[k].submit(0, Duration::ZERO)?;
+            }
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(
+                self.shards[k]
+                    .ring
+                    .completion()
+                    .map(|e| (e.user_data(), e.result(), e.flags())),
+            );
+            for &(ud, res, flags) in &cqes {
+                self.dispatch(k, ud, res, flags);
+            }
+            cqes.clear();
+            self.cqes = cqes;
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, shard: usize, ud: u64, res: i32, flags: u32) {
         let (kind, gen, c) = split(ud);
         match kind {
-            op::ACCEPT => self.on_accept(c as usize, res),
-            op::RECV => self.on_recv(c, gen, res, flags),
+            op::ACCEPT => self.on_accept(shard, c as usize, res),
+            op::RECV => self.on_recv(shard, c, gen, res, flags),
             op::SEND => self.on_send(c, res),
             op::CLOSE => {
                 if let Some(conn) = self.core.conn_mut(c) {
                     conn.handle.ops -= 1;
                 }
+                self.shards[shard].open = self.shards[shard].open.saturating_sub(1);
+                // A slot freed: accepts that were short of room can be armed again.
+                self.arm_accepts();
                 self.maybe_release(c);
             }
             op::WAKE => {
@@ -411,15 +456,33 @@ impl Driver {
                     self.arm_wake();
                 }
             }
+            op::SHARD => {
+                let k = c as usize;
+                if let Some(f) = self.shards.get(k).and_then(|sh| sh.notify.as_ref()) {
+                    // Reset the counter; the shard itself is reaped at the top of the loop.
+                    let mut buf = [0u8; 8];
+                    let _ = (&*f).read(&mut buf);
+                }
+                if !cqueue::more(flags) {
+                    if let Some(sh) = self.shards.get_mut(k) {
+                        sh.notify_armed = false;
+                    }
+                    if res != -libc::ECANCELED {
+                        self.arm_shard_notify(k);
+                    }
+                }
+            }
             _ => {} // CANCEL results need no action: the cancelled ops report themselves.
         }
     }
 
-    fn on_accept(&mut self, i: usize, res: i32) {
-        self.accepts[i].armed = false;
+    fn on_accept(&mut self, shard: usize, i: usize, res: i32) {
+        self.shards[shard].accepts[i].armed = false;
         if res >= 0 {
-            let peer = sockaddr_ip(&self.accepts[i].addr);
+            let peer = sockaddr_ip(&self.shards[shard].accepts[i].addr);
+            self.shards[shard].open += 1;
             let conn = UConn {
+                shard: shard as u16,
                 slot: res as u32,
                 ops: 0,
                 recv_armed: false,
@@ -428,13 +491,22 @@ impl Driver {
             };
             let c = self.core.handle_accept(conn, peer);
             self.arm_recv(c);
-            self.arm_accept(i);
+            self.arm_accepts();
             return;
         }
         match -res {
             libc::ECANCELED => {}
-            libc::ENFILE | libc::EMFILE | libc::ENOMEM | libc::ENOBUFS => {
-                // The fixed-file table (or memory) is full: retry once connections close.
+            libc::ENFILE => {
+                // Should not happen (see `arm_accepts`): someone else filled the table.
+                tracing::warn!(
+                    worker = self.core.id,
+                    ring = shard,
+                    "fixed-file table full; a connection was lost"
+                );
+                self.shards[shard].open = self.table;
+                self.arm_accepts();
+            }
+            libc::EMFILE | libc::ENOMEM | libc::ENOBUFS => {
                 if self.accept_retry.is_none() {
                     tracing::warn!(worker = self.core.id, error = %io::Error::from_raw_os_error(-res), "accept paused for 100ms");
                 }
@@ -445,12 +517,12 @@ impl Driver {
                 if e != libc::ECONNABORTED && e != libc::EINTR {
                     tracing::warn!(worker = self.core.id, error = %io::Error::from_raw_os_error(e), "accept failed");
                 }
-                self.arm_accept(i)
+                self.arm_accepts()
             }
         }
     }
 
-    fn on_recv(&mut self, c: ConnId, gen: u32, res: i32, flags: u32) {
+    fn on_recv(&mut self, shard: usize, c: ConnId, gen: u32, res: i32, flags: u32) {
         let more = cqueue::more(flags);
         let bid = cqueue::buffer_select(flags);
         let live = self
@@ -460,7 +532,7 @@ impl Driver {
         if !live {
             // Cannot happen while `ops` counts the recv; recycle the buffer regardless.
             if let Some(bid) = bid {
-                self.bufs.recycle(bid);
+                self.shards[shard].bufs.recycle(bid);
             }
             return;
         }
@@ -475,23 +547,21 @@ impl Driver {
             if let Some(bid) = bid {
                 if !closing {
                     // Copy-free: the core parses straight out of the provided buffer.
-                    let data = self.bufs.data(bid, res as usize);
+                    let data = self.shards[shard].bufs.data(bid, res as usize);
                     let _ = self.core.handle_read(c, data);
                 }
-                self.bufs.recycle(bid);
+                self.shards[shard].bufs.recycle(bid);
             }
             if !more && !closing {
                 self.arm_recv(c);
             }
         } else if res == 0 {
-            tracing::trace!(worker = self.core.id, conn = c, "peer closed");
             self.core.handle_eof(c);
         } else if -res == libc::ENOBUFS {
             if !closing {
                 self.rearm.push(c);
             }
         } else if -res != libc::ECANCELED {
-            tracing::warn!(worker = self.core.id, conn = c, error = %io::Error::from_raw_os_error(-res), "recv failed");
             self.core.handle_eof(c);
         }
         self.maybe_release(c);
@@ -514,36 +584,123 @@ impl Driver {
         self.maybe_release(c);
     }
 
-    fn arm_accept(&mut self, i: usize) {
+    /// Keep `ACCEPTS` accepts armed, each on a shard whose table is sure to have a slot
+    /// for it (open + armed < table), opening a new shard when all are taken. A table must
+    /// never overflow: the kernel would accept the connection and then reset it (ENFILE).
+    fn arm_accepts(&mut self) {
+        if self.listener.is_none() || self.accept_retry.is_some() {
+            return;
+        }
+        let armed = |sh: &Shard| sh.accepts.iter().filter(|a| a.armed).count() as u32;
+        let mut want = ACCEPTS as u32 - self.shards.iter().map(armed).sum::<u32>();
+        for k in 0..self.shards.len() {
+            for i in 0..ACCEPTS {
+                let sh = &self.shards[k];
+                if want == 0 || sh.open + armed(sh) >= self.table {
+                    break;
+                }
+                if !sh.accepts[i].armed {
+                    self.arm_accept(k, i);
+                    want -= 1;
+                }
+            }
+        }
+        if want == 0 {
+            return;
+        }
+        if self.shards.len() < self.max_shards {
+            match self.open_shard() {
+                Ok(k) => {
+                    for i in 0..(want as usize).min(ACCEPTS) {
+                        self.arm_accept(k, i);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(worker = self.core.id, error = %e, "cannot open another io_uring ring; accept paused");
+                    self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                }
+            }
+        } else if want == ACCEPTS as u32 {
+            // Nothing armed anywhere: every ring is full. Closes re-arm; this is a backstop.
+            tracing::warn!(
+                worker = self.core.id,
+                rings = self.shards.len(),
+                "every ring's table is full; accept paused"
+            );
+            self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+        }
+    }
+
+    fn open_shard(&mut self) -> io::Result<usize> {
+        let mut sh = Shard::new(self.table)?;
+        let notify = sys::eventfd()?;
+        sh.ring.submitter().register_eventfd(notify.as_raw_fd())?;
+        sh.notify = Some(File::from(notify));
+        self.shards.push(sh);
+        let k = self.shards.len() - 1;
+        self.arm_shard_notify(k);
+        tracing::info!(
+            worker = self.core.id,
+            ring = k,
+            direct_descriptors = self.table,
+            "opened another io_uring ring"
+        );
+        Ok(k)
+    }
+
+    /// Shard 0 polls shard `k`'s eventfd, so the worker wakes for its completions.
+    fn arm_shard_notify(&mut self, k: usize) {
+        let Some(sh) = self.shards.get_mut(k) else {
+            return;
+        };
+        let Some(fd) = sh.notify.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        if sh.notify_armed {
+            return;
+        }
+        sh.notify_armed = true;
+        let entry = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data(op::SHARD, 0, k as u32));
+        self.shards[0].push(entry);
+    }
+
+    fn arm_accept(&mut self, shard: usize, i: usize) {
         let Some(l) = self.listener.as_ref() else {
             return;
         };
-        if self.accepts[i].armed || self.accept_retry.is_some() {
+        let fd = l.as_raw_fd();
+        let sh = &mut self.shards[shard];
+        if sh.accepts[i].armed || self.accept_retry.is_some() {
             return;
         }
-        let slot = &mut self.accepts[i];
+        let slot = &mut sh.accepts[i];
         slot.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         slot.armed = true;
         let entry = opcode::Accept::new(
-            Fd(l.as_raw_fd()),
+            Fd(fd),
             &mut slot.addr as *mut _ as *mut libc::sockaddr,
             &mut slot.len,
         )
         .file_index(Some(io_uring::types::DestinationSlot::auto_target()))
         .build()
         .user_data(user_data(op::ACCEPT, 0, i as u32));
-        self.push(entry);
+        sh.push(entry);
     }
 
     fn stop_accepting(&mut self) {
         if let Some(l) = self.listener.take() {
-            let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(l.as_raw_fd())).all())
-                .build()
-                .user_data(user_data(op::CANCEL, 0, 0));
-            self.push(cancel);
-            // Submit the cancel before the listener closes; armed accepts hold their own
-            // reference to the socket until they complete.
-            let _ = self.submit(0, Duration::ZERO);
+            for sh in self.shards.iter_mut() {
+                let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(l.as_raw_fd())).all())
+                    .build()
+                    .user_data(user_data(op::CANCEL, 0, 0));
+                sh.push(cancel);
+                // Submit the cancel before the listener closes; armed accepts hold their
+                // own reference to the socket until they complete.
+                let _ = sh.submit(0, Duration::ZERO);
+            }
         }
     }
 
@@ -559,7 +716,8 @@ impl Driver {
         let entry = opcode::RecvMulti::new(Fixed(conn.handle.slot), BGID)
             .build()
             .user_data(user_data(op::RECV, conn.gen, c));
-        self.push(entry);
+        let shard = conn.handle.shard as usize;
+        self.shards[shard].push(entry);
     }
 
     fn arm_wake(&mut self) {
@@ -571,7 +729,7 @@ impl Driver {
         let entry = opcode::Read::new(Fd(self.efd.as_raw_fd()), buf as *mut u8, 8)
             .build()
             .user_data(user_data(op::WAKE, 0, 0));
-        self.push(entry);
+        self.shards[0].push(entry);
     }
 
     /// One `SENDMSG` per ready connection, carrying everything pending for it.
@@ -604,8 +762,9 @@ impl Driver {
                 .user_data(user_data(op::SEND, conn.gen, c));
             conn.handle.ops += 1;
             conn.handle.send = Some(sb);
+            let shard = conn.handle.shard as usize;
             self.core.counters.writes += 1;
-            self.push(entry);
+            self.shards[shard].push(entry);
         }
     }
 
@@ -618,20 +777,19 @@ impl Driver {
             return;
         }
         conn.handle.closing = true;
-        let slot = conn.handle.slot;
-        let gen = conn.gen;
+        let (slot, gen, shard) = (conn.handle.slot, conn.gen, conn.handle.shard as usize);
         let had_ops = conn.handle.ops > 0;
         conn.handle.ops += 1;
         if had_ops {
             let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
                 .build()
                 .user_data(user_data(op::CANCEL, gen, c));
-            self.push(cancel);
+            self.shards[shard].push(cancel);
         }
         let close = opcode::Close::new(Fixed(slot))
             .build()
             .user_data(user_data(op::CLOSE, gen, c));
-        self.push(close);
+        self.shards[shard].push(close);
     }
 
     /// Forget `c` once it is closed and nothing of it is in flight.
@@ -653,14 +811,20 @@ impl Driver {
     /// kernel access to our buffers can outlive them. If they do not all arrive, the
     /// buffers are leaked rather than freed under the kernel.
     fn finish(mut self) {
-        let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
-            .build()
-            .user_data(user_data(op::CANCEL, 0, 0));
-        self.push(cancel);
+        self.listener = None;
+        for sh in self.shards.iter_mut() {
+            let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
+                .build()
+                .user_data(user_data(op::CANCEL, 0, 0));
+            sh.push(cancel);
+        }
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
-            let _ = self.submit(1, Duration::from_millis(50));
-            self.reap();
+            for sh in self.shards.iter_mut().skip(1) {
+                let _ = sh.submit(0, Duration::ZERO);
+            }
+            let _ = self.shards[0].submit(1, Duration::from_millis(20));
+            let _ = self.reap_all();
             for c in self.core.iter_ids() {
                 self.core.close(c);
             }
@@ -669,9 +833,15 @@ impl Driver {
             for c in closing {
                 self.start_close(c);
             }
-            let accepts_armed = self.accepts.iter().any(|a| a.armed);
-            if !self.wake_armed && !accepts_armed && self.core.conn_count() == 0 {
-                let _ = self.ring.submitter().unregister_buf_ring(BGID);
+            let armed = self.wake_armed
+                || self
+                    .shards
+                    .iter()
+                    .any(|sh| sh.notify_armed || sh.accepts.iter().any(|a| a.armed));
+            if !armed && self.core.conn_count() == 0 {
+                for sh in &self.shards {
+                    let _ = sh.ring.submitter().unregister_buf_ring(BGID);
+                }
                 return;
             }
         }

@@ -108,6 +108,9 @@ mod flag {
     pub const PUBLISHER: u8 = 32;
     /// The drain trailer is queued: close once it is written.
     pub const FINAL: u8 = 64;
+    /// Over a limit: answer 503 once the request head is in (closing before reading it
+    /// could reset the connection and lose the answer).
+    pub const REJECT: u8 = 128;
 }
 
 /// One subscription of a connection: a cursor into a local topic log.
@@ -385,8 +388,7 @@ impl<H> Core<H> {
         let open = self.shared.open.fetch_add(1, Ordering::Relaxed) + 1;
         if open > self.shared.config.max_connections || !self.take_accept_token() {
             self.counters.connections_rejected += 1;
-            self.respond(c, response::unavailable(1), false);
-            return c;
+            self.conns[c as usize].flags |= flag::REJECT;
         }
         let deadline = self.now_tick + self.ticks(self.shared.config.head_timeout);
         self.wheel.insert(c, deadline);
@@ -552,6 +554,14 @@ impl<H> Core<H> {
 
     /// Act on a parsed request head. Returns false if the connection is done.
     fn handle_request(&mut self, c: ConnId, req: Request) -> bool {
+        if self
+            .conns
+            .get(c as usize)
+            .is_some_and(|cn| cn.has(flag::REJECT))
+        {
+            self.respond(c, response::unavailable(1), false);
+            return false;
+        }
         let keep = req.keep_alive;
         let head_only = req.head_only;
         let simple =
