@@ -11,7 +11,9 @@ pub const MIN_KERNEL: (u32, u32) = (6, 1);
 const OPCODES: &[(u8, &str)] = &[
     (opcode::Accept::CODE, "ACCEPT"),
     (opcode::RecvMulti::CODE, "RECV"),
+    (opcode::Send::CODE, "SEND"),
     (opcode::SendMsg::CODE, "SENDMSG"),
+    (opcode::PollAdd::CODE, "POLL_ADD"),
     (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
     (opcode::Close::CODE, "CLOSE"),
     (opcode::Read::CODE, "READ"),

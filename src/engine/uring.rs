@@ -39,9 +39,11 @@ const SQ_ENTRIES: u32 = 4096;
 /// Single-shot accepts kept armed per worker, each with its own address slot.
 const ACCEPTS: usize = 16;
 /// Provided read buffers per worker: request heads are small and are consumed at once.
-const BUF_COUNT: u16 = 512;
-const BUF_SIZE: usize = 4096;
+const BUF_COUNT: u16 = 256;
+const BUF_SIZE: usize = 2048;
 const BGID: u16 = 7;
+/// Iovec blocks kept for reuse; beyond this a burst's blocks are freed when it is over.
+const SEND_POOL_MAX: usize = 1024;
 /// Largest fixed-file table (kernel cap).
 const MAX_TABLE: u64 = 1 << 20;
 
@@ -75,7 +77,7 @@ pub struct UConn {
     ops: u8,
     recv_armed: bool,
     closing: bool,
-    /// The iovec block of the send in flight.
+    /// The iovec block of the send in flight, if it has more than one frame.
     send: Option<Box<SendBuf>>,
 }
 
@@ -572,10 +574,11 @@ impl Driver {
             return;
         };
         conn.handle.ops -= 1;
-        if let Some(buf) = conn.handle.send.take() {
-            self.send_pool.push(buf);
-        }
+        let buf = conn.handle.send.take();
         let closing = conn.handle.closing;
+        if let Some(buf) = buf {
+            self.recycle_send_buf(buf);
+        }
         if res >= 0 {
             self.core.handle_written(c, res as usize, true);
         } else if !closing {
@@ -739,32 +742,48 @@ impl Driver {
             if !self.core.begin_write(c) {
                 continue;
             }
-            let mut sb = self.send_pool.pop().unwrap_or_else(SendBuf::new);
-            let n = {
-                let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-                let (n, _) = self.core.fill(c, &mut iov);
-                for (dst, src) in sb.iov.iter_mut().zip(&iov[..n]) {
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let (n, _) = self.core.fill(c, &mut iov);
+            let mut sb = None;
+            let single = (iov[0].as_ptr(), iov[0].len() as u32);
+            if n > 1 {
+                let mut b = self.send_pool.pop().unwrap_or_else(SendBuf::new);
+                for (dst, src) in b.iov.iter_mut().zip(&iov[..n]) {
                     *dst = libc::iovec {
                         iov_base: src.as_ptr() as *mut libc::c_void,
                         iov_len: src.len(),
                     };
                 }
-                n
-            };
-            sb.msg.msg_iov = sb.iov.as_mut_ptr();
-            sb.msg.msg_iovlen = n as _;
+                b.msg.msg_iov = b.iov.as_mut_ptr();
+                b.msg.msg_iovlen = n as _;
+                sb = Some(b);
+            }
             let Some(conn) = self.core.conn_mut(c) else {
                 continue;
             };
-            let entry = opcode::SendMsg::new(Fixed(conn.handle.slot), &sb.msg)
-                .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
-                .build()
-                .user_data(user_data(op::SEND, conn.gen, c));
+            let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+            let ud = user_data(op::SEND, conn.gen, c);
+            // One frame (the usual case: an event or a keep-alive) needs no iovec block.
+            let entry = match &sb {
+                Some(b) => opcode::SendMsg::new(Fixed(conn.handle.slot), &b.msg)
+                    .flags(flags as u32)
+                    .build(),
+                None => opcode::Send::new(Fixed(conn.handle.slot), single.0, single.1)
+                    .flags(flags)
+                    .build(),
+            };
             conn.handle.ops += 1;
-            conn.handle.send = Some(sb);
+            conn.handle.send = sb;
             let shard = conn.handle.shard as usize;
             self.core.counters.writes += 1;
-            self.shards[shard].push(entry);
+            self.shards[shard].push(entry.user_data(ud));
+        }
+    }
+
+    /// Return an iovec block to the pool, keeping the pool bounded after a burst.
+    fn recycle_send_buf(&mut self, buf: Box<SendBuf>) {
+        if self.send_pool.len() < SEND_POOL_MAX {
+            self.send_pool.push(buf);
         }
     }
 
@@ -799,10 +818,8 @@ impl Driver {
             .conn(c)
             .is_some_and(|cn| cn.handle.closing && cn.handle.ops == 0)
         {
-            if let Some(h) = self.core.release(c) {
-                if let Some(buf) = h.send {
-                    self.send_pool.push(buf);
-                }
+            if let Some(buf) = self.core.release(c).and_then(|h| h.send) {
+                self.recycle_send_buf(buf);
             }
         }
     }

@@ -1177,6 +1177,10 @@ impl<H> Core<H> {
             left -= f.len();
             conn.pre.pop_front();
         }
+        if conn.pre.is_empty() && conn.pre.capacity() > 0 {
+            // An idle subscriber keeps no buffer: give the deque's allocation back.
+            conn.pre = VecDeque::new();
+        }
         if left > 0 {
             let http10 = conn.has(flag::HTTP10);
             let (delivered, off) =
