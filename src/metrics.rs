@@ -42,6 +42,7 @@ counters! {
     connections_closed: "counter", "Connections closed";
     connections_rejected: "counter", "Connections refused with 503 (over --max-connections or --accept-rate)";
     streams_open: "gauge", "SSE streams currently open";
+    fanout_backlog_bytes: "gauge", "Bytes of events held for subscribers that have not been sent them yet (bounded by --max-backlog per subscriber)";
     streams_started: "counter", "SSE streams started";
     events_received: "counter", "Events handed to this worker by the hub";
     events_delivered: "counter", "Events fully written to a subscriber socket";

@@ -54,11 +54,15 @@ fn two_thousand_subscribers_get_two_hundred_events_each_exactly_once_in_order() 
 
 #[test]
 fn stalled_subscribers_are_disconnected_and_fast_ones_get_everything() {
-    const FAST: usize = 300;
-    const STALLED: usize = 40;
-    const EVENTS: usize = 400;
+    const FAST: usize = 2000;
+    const STALLED: usize = 200;
+    const EVENTS: usize = 1000;
     const BURST: usize = 20;
-    let Some(s) = start(|c| c.max_backlog = 128 << 10) else {
+    const BACKLOG: u64 = 64 << 10;
+    let Some(s) = start(|c| {
+        c.max_backlog = BACKLOG as usize;
+        c.uring_table = Some(1024);
+    }) else {
         return;
     };
     // Stalled: tiny receive buffers, never read.
@@ -77,24 +81,30 @@ fn stalled_subscribers_are_disconnected_and_fast_ones_get_everything() {
         .collect();
     let mut crowd = Crowd::connect(s.addr, "/events/load", FAST);
     wait_streams(s.addr, (FAST + STALLED) as u64);
+    // 1,000 events of 1 KB: each stalled subscriber would need 1 MB kept for it.
     let payload = "p".repeat(1000);
     let lines: Vec<String> = (0..EVENTS)
         .map(|i| event_line("load", &format!("{i} {payload}")))
         .collect();
     let ingest_addr = s.ingest;
+    let addr = s.addr;
     // Publish in bursts while the fast crowd is read, never more than one burst ahead of
-    // the slowest fast reader (this test's reader is one thread; herald is not the limit).
+    // the slowest fast reader (this test's reader is one thread; herald is not the limit),
+    // and watch what herald holds for its subscribers as it goes.
     let fast_min = Arc::new(AtomicUsize::new(0));
     let seen = fast_min.clone();
     let publisher = std::thread::spawn(move || {
+        let mut peak = 0;
         for (k, chunk) in lines.chunks(BURST).enumerate() {
             wait_for("the fast crowd to catch up", || {
                 seen.load(Ordering::Acquire) + BURST >= k * BURST
             });
             assert!(ingest(ingest_addr, chunk).is_empty());
+            peak = peak.max(metric(addr, "herald_fanout_backlog_bytes"));
         }
+        peak
     });
-    let all = crowd.pump_until(Duration::from_secs(60), |cs| {
+    let all = crowd.pump_until(Duration::from_secs(90), |cs| {
         let min = cs.iter().map(|c| c.events.len()).min().unwrap_or(0);
         fast_min.store(min, Ordering::Release);
         min >= EVENTS
@@ -107,7 +117,7 @@ fn stalled_subscribers_are_disconnected_and_fast_ones_get_everything() {
             metric(s.addr, "herald_slow_consumer_disconnects_total")
         );
     }
-    publisher.join().unwrap();
+    let peak = publisher.join().unwrap();
     for c in &crowd.conns {
         assert!(!c.closed, "a fast subscriber was disconnected");
         for (k, e) in c.events.iter().enumerate() {
@@ -120,6 +130,13 @@ fn stalled_subscribers_are_disconnected_and_fast_ones_get_everything() {
     wait_for("stalled streams closed", || {
         metric(s.addr, "herald_streams_open") == FAST as u64
     });
+    // Bounded: never more than the backlog cap (plus a burst in flight to the fast ones)
+    // per worker, against the 1 MB per stalled subscriber an unbounded queue would hold.
+    let bound = 2 * (BACKLOG + (BURST as u64 + 1) * 1100);
+    assert!(
+        peak <= bound,
+        "fan-out backlog peaked at {peak} bytes (bound {bound})"
+    );
     drop(stalled);
     s.stop();
 }

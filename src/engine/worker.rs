@@ -820,6 +820,7 @@ impl<H> Core<H> {
             }
             if t.subs.is_empty() {
                 let t = self.topics.remove(s.topic as usize);
+                self.counters.fanout_backlog_bytes -= t.end_bytes() - t.base_bytes;
                 self.topic_ids.remove(&t.name);
             }
         }
@@ -853,6 +854,7 @@ impl<H> Core<H> {
         };
         let max_backlog = self.shared.config.max_backlog as u64;
         let topic = &mut self.topics[t as usize];
+        self.counters.fanout_backlog_bytes += ev.wire_len() as u64;
         let end = topic.end_bytes() + ev.wire_len() as u64;
         topic.log.push_back(LogEntry { ev, end });
         let mut min_cursor = topic.end();
@@ -879,7 +881,9 @@ impl<H> Core<H> {
                 self.ready.push(sref.conn);
             }
         }
+        let before = topic.base_bytes;
         topic.trim(min_cursor);
+        self.counters.fanout_backlog_bytes -= topic.base_bytes - before;
     }
 
     fn handle_topic_close(&mut self, name: &str) {
