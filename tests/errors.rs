@@ -130,3 +130,36 @@ fn healthz_metrics_and_demo_page() {
     assert_eq!(http_get(s.addr, "/").status, 404);
     s.stop();
 }
+
+#[test]
+fn too_many_topics_in_one_subscription_is_a_400() {
+    let Some(s) = start(|c| c.max_topics = 3) else {
+        return;
+    };
+    assert_eq!(
+        http_get(s.addr, "/events?topic=a&topic=b&topic=c&topic=d").status,
+        400
+    );
+    let ok = Client::get(s.addr, "/events?topic=a&topic=b&topic=c", "");
+    assert_eq!(ok.status, 200);
+    s.stop();
+}
+
+#[test]
+fn over_the_accept_rate_new_clients_get_503_then_get_in_later() {
+    let Some(s) = start(|c| c.accept_rate = 4) else {
+        return;
+    };
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| Client::get(s.addr, "/events/r", "").status)
+        .collect();
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    // The bucket refills: a client that waits gets in.
+    let mut admitted = false;
+    wait_for("a slot after the burst", || {
+        admitted = Client::get(s.addr, "/events/r", "").status == 200;
+        admitted
+    });
+    s.stop();
+}

@@ -299,7 +299,8 @@ impl<H> Core<H> {
             start: Instant::now(),
             now_tick: 0,
             draining: false,
-            accept_tokens: 0.0,
+            // The bucket starts full: one second's worth of this worker's share.
+            accept_tokens: (cfg.accept_rate as f64 / cfg.workers as f64).max(1.0),
             accept_refill_tick: 0,
             limits,
             next_gen: 1,
