@@ -79,6 +79,10 @@ pub struct Settings {
     /// Age after which retained events are dropped, e.g. 1h [default: 1h]
     #[arg(long)]
     pub history_age: Option<String>,
+    /// Save retained history here on shutdown and load it at start, so clients resume
+    /// across a restart without a gap [default: none]
+    #[arg(long)]
+    pub history_file: Option<PathBuf>,
     /// `retry:` hint (ms) sent at the start of each stream [default: none]
     #[arg(long)]
     pub retry: Option<u32>,
@@ -126,6 +130,7 @@ pub struct Config {
     pub history_events: usize,
     pub history_bytes: usize,
     pub history_age: Duration,
+    pub history_file: Option<PathBuf>,
     pub retry: Option<u32>,
     pub drain_window: Duration,
     pub cors_origins: Vec<String>,
@@ -217,6 +222,7 @@ impl Config {
             history_events: s.history_events.unwrap_or(1000),
             history_bytes: size("history-bytes", s.history_bytes.as_deref(), "4MiB")?,
             history_age: duration("history-age", s.history_age.as_deref(), "1h")?,
+            history_file: s.history_file,
             retry: s.retry,
             drain_window: duration("drain-window", s.drain_window.as_deref(), "2s")?,
             cors_origins: s.cors_origins.unwrap_or_else(|| vec!["*".to_string()]),
@@ -272,6 +278,7 @@ impl Settings {
             history_events,
             history_bytes,
             history_age,
+            history_file,
             retry,
             drain_window,
             cors_origins,

@@ -51,6 +51,14 @@ pub fn start(config: Config) -> io::Result<Server> {
     let sockets = IngestSockets::bind(config.ingest, config.ingest_unix.as_ref())?;
     let ingest_addr = sockets.tcp.as_ref().map(|l| l.local_addr()).transpose()?;
     let shared = Shared::new(config);
+    if let Some(path) = shared.config.history_file.as_ref() {
+        match shared.hub.load_history(path) {
+            Ok(n) => tracing::info!(path = %path.display(), events = n, "history loaded"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "history file unreadable; starting empty")
+            }
+        }
+    }
     let workers = engine::spawn_workers(&shared, backend, listeners)?;
     let ingest = Some(ingest::listener::spawn(shared.clone(), sockets)?);
     Ok(Server {
@@ -85,6 +93,17 @@ impl Server {
                 .unwrap_or_else(|_| Err(io::Error::other("worker panicked")));
             if result.is_ok() {
                 result = r;
+            }
+        }
+        if let Some(path) = self.shared.config.history_file.as_ref() {
+            match self.shared.hub.save_history(path) {
+                Ok(n) => tracing::info!(path = %path.display(), events = n, "history saved"),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "saving history failed");
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
             }
         }
         tracing::info!("stopped");

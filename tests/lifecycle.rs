@@ -54,3 +54,47 @@ fn serve_reads_its_settings_from_a_toml_file_and_flags_win() {
         .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_graceful_restart_with_a_history_file_resumes_clients_without_a_gap() {
+    let dir = std::env::temp_dir().join(format!("herald-hist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("history.ndjson");
+    let _ = std::fs::remove_file(&file);
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ingest_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let args = ["--history-file", file.to_str().unwrap()];
+    let Some((mut first, addr)) = spawn_at(listen, ingest_addr, &args) else {
+        return;
+    };
+    let ids: Vec<String> = (0..10)
+        .map(|i| {
+            let r = http_publish(addr, "h", &i.to_string());
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    signal(&first, "-TERM");
+    assert!(first.wait().unwrap().success());
+    assert!(file.exists(), "history saved on shutdown");
+
+    let Some((mut second, addr)) = spawn_at(listen, ingest_addr, &args) else {
+        return;
+    };
+    for i in 10..13 {
+        assert_eq!(http_publish(addr, "h", &i.to_string()).status, 200);
+    }
+    // A client that had seen event 6 before the restart.
+    let mut c = Client::get(addr, "/events/h", &format!("Last-Event-ID: {}\r\n", ids[6]));
+    let got: Vec<String> = c
+        .wait_events(6)
+        .iter()
+        .map(|e| format!("{}:{}", e.event, e.data))
+        .collect();
+    let want: Vec<String> = (7..13).map(|i| format!("message:{i}")).collect();
+    assert_eq!(got, want, "no gap signal, nothing missing, nothing twice");
+    signal(&second, "-TERM");
+    assert!(second.wait().unwrap().success());
+}

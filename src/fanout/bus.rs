@@ -5,9 +5,11 @@
 //! is woken only when it is parked.
 
 use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -122,6 +124,27 @@ pub struct HubStats {
     pub topics_closed: AtomicU64,
 }
 
+/// One line of a history file.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum Snapshot {
+    Header {
+        start_seq: u64,
+        last_seq: u64,
+    },
+    Topic {
+        topic: String,
+        evicted_upto: u64,
+        closed: bool,
+    },
+    Event {
+        seq: u64,
+        id: String,
+        age_ms: u64,
+        sse: String,
+    },
+}
+
 struct TopicState {
     history: History,
     closed: bool,
@@ -136,8 +159,9 @@ pub struct Hub {
     state: Mutex<State>,
     inboxes: Box<[Inbox]>,
     limits: Limits,
-    /// First sequence this process could assign: ids below it come from an earlier run.
-    start_seq: u64,
+    /// First sequence whose events this process knows about (its own start, or the start
+    /// of the run whose history it restored): ids below it come from an earlier run.
+    start_seq: AtomicU64,
     pub stats: HubStats,
 }
 
@@ -157,7 +181,7 @@ impl Hub {
             }),
             inboxes: (0..workers).map(|_| Inbox::new()).collect(),
             limits,
-            start_seq: wall_micros(),
+            start_seq: AtomicU64::new(wall_micros()),
             stats: HubStats::default(),
         }
     }
@@ -241,7 +265,7 @@ impl Hub {
             let mut st = self.lock();
             if self.inboxes.iter().any(|i| i.queue.len() >= INBOX_CAPACITY) {
                 drop(st);
-                std::thread::sleep(std::time::Duration::from_micros(200));
+                std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
             let name: Arc<str> = match st.topics.get_key_value(topic) {
@@ -293,7 +317,7 @@ impl Hub {
             Some(seq) => (seq, true),
             None => match last_id.parse::<u64>() {
                 // One of our own ids (or a publisher's numeric one) that is not retained.
-                Ok(seq) => (seq, seq >= self.start_seq),
+                Ok(seq) => (seq, seq >= self.start_seq.load(Ordering::Relaxed)),
                 Err(_) => (0, false),
             },
         };
@@ -352,6 +376,112 @@ impl Hub {
             })
     }
 
+    /// Write every retained event to `path` (through a temporary file and a rename), so
+    /// the next run can resume clients without a gap. Returns the number of events.
+    pub fn save_history(&self, path: &Path) -> std::io::Result<usize> {
+        let st = self.lock();
+        let tmp = path.with_extension("tmp");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let now = Instant::now();
+        let header = Snapshot::Header {
+            start_seq: self.start_seq.load(Ordering::Relaxed),
+            last_seq: st.last_seq,
+        };
+        serde_json::to_writer(&mut out, &header)?;
+        out.write_all(b"\n")?;
+        let mut n = 0;
+        for (name, t) in &st.topics {
+            let topic = Snapshot::Topic {
+                topic: name.to_string(),
+                evicted_upto: t.history.evicted_upto(),
+                closed: t.closed,
+            };
+            serde_json::to_writer(&mut out, &topic)?;
+            out.write_all(b"\n")?;
+            for e in t.history.iter() {
+                let ev = Snapshot::Event {
+                    seq: e.seq,
+                    id: e.id.to_string(),
+                    age_ms: now.saturating_duration_since(e.at).as_millis() as u64,
+                    // The body is SSE text built from UTF-8 strings.
+                    sse: String::from_utf8_lossy(e.frame.body()).into_owned(),
+                };
+                serde_json::to_writer(&mut out, &ev)?;
+                out.write_all(b"\n")?;
+                n += 1;
+            }
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(n)
+    }
+
+    /// Load a history written by [`Hub::save_history`], then delete the file: after a
+    /// crash the next start must not revive an old snapshot as if nothing happened since.
+    pub fn load_history(&self, path: &Path) -> std::io::Result<usize> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        std::fs::remove_file(path)?;
+        let now = Instant::now();
+        let mut st = self.lock();
+        let mut current: Option<(Arc<str>, u64, bool, Vec<Arc<Event>>)> = None;
+        let mut topics = Vec::new();
+        let mut n = 0;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let rec: Snapshot = serde_json::from_str(line).map_err(std::io::Error::other)?;
+            match rec {
+                Snapshot::Header {
+                    start_seq,
+                    last_seq,
+                } => {
+                    self.start_seq.fetch_min(start_seq, Ordering::Relaxed);
+                    st.last_seq = st.last_seq.max(last_seq);
+                }
+                Snapshot::Topic {
+                    topic,
+                    evicted_upto,
+                    closed,
+                } => {
+                    topics.extend(current.take());
+                    current = Some((topic.into(), evicted_upto, closed, Vec::new()));
+                }
+                Snapshot::Event {
+                    seq,
+                    id,
+                    age_ms,
+                    sse,
+                } => {
+                    let Some((name, _, _, events)) = current.as_mut() else {
+                        return Err(std::io::Error::other(
+                            "history file: event before its topic",
+                        ));
+                    };
+                    let at = now
+                        .checked_sub(Duration::from_millis(age_ms))
+                        .unwrap_or(now);
+                    events.push(Arc::new(Event {
+                        seq,
+                        topic: name.clone(),
+                        id: id.into(),
+                        frame: chunk(sse.as_bytes()),
+                        at,
+                    }));
+                    n += 1;
+                }
+            }
+        }
+        topics.extend(current.take());
+        for (name, evicted_upto, closed, events) in topics {
+            let mut history = History::restored(events, evicted_upto);
+            history.evict(&self.limits, now);
+            st.topics.insert(name, TopicState { history, closed });
+        }
+        Ok(n)
+    }
+
     /// Wake every worker (shutdown).
     pub fn wake_all(&self) {
         for inbox in self.inboxes.iter() {
@@ -364,7 +494,6 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn hub() -> Hub {
         Hub::new(
@@ -450,5 +579,55 @@ mod tests {
         assert!(h.attach(&["a".into()], None, 0).closed);
         publish(&h, "a", None);
         assert!(!h.attach(&["a".into()], None, 0).closed);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_history_resumes_without_a_gap_in_the_next_run() {
+        let limits = Limits {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
+        };
+        let a = Hub::new(1, limits);
+        let p = |topic: &str, data: &str| Publish {
+            topic: topic.into(),
+            data: data.into(),
+            event: Some("e".into()),
+            id: None,
+            retry: None,
+        };
+        let first = a.publish(p("t", "one\ntwo")).unwrap();
+        let second = a.publish(p("t", "three")).unwrap();
+        a.close_topic("gone");
+        let path = std::env::temp_dir().join(format!("herald-hist-{}.ndjson", std::process::id()));
+        assert_eq!(a.save_history(&path).unwrap(), 2);
+
+        let b = Hub::new(1, limits);
+        assert_eq!(b.load_history(&path).unwrap(), 2);
+        assert!(!path.exists(), "the file is consumed");
+        let at = b.attach(&["t".into()], Some(&first.id), u64::MAX);
+        assert!(at.gap.is_none(), "the previous run's ids are known");
+        assert_eq!(at.replay.len(), 1);
+        assert_eq!(
+            at.replay[0].frame.chunked(),
+            a.attach(&["t".into()], Some(&first.id), u64::MAX).replay[0]
+                .frame
+                .chunked()
+        );
+        assert!(b.attach(&["gone".into()], None, 0).closed);
+        let third = b.publish(p("t", "four")).unwrap();
+        assert!(third.seq > second.seq, "sequence continues");
+        // Without a file, nothing is loaded and an old id is a gap.
+        let c = Hub::new(1, limits);
+        assert_eq!(c.load_history(&path).unwrap(), 0);
+        assert!(c
+            .attach(&["t".into()], Some(&first.id), u64::MAX)
+            .gap
+            .is_some());
     }
 }

@@ -99,6 +99,21 @@ impl History {
             .map(|e| e.seq)
     }
 
+    /// Every retained event, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Event>> {
+        self.events.iter()
+    }
+
+    /// Rebuild a history from a snapshot (events in `seq` order).
+    pub fn restored(events: Vec<Arc<Event>>, evicted_upto: u64) -> History {
+        let bytes = events.iter().map(|e| e.wire_len()).sum();
+        History {
+            events: events.into(),
+            bytes,
+            evicted_upto,
+        }
+    }
+
     /// Retained events with `after < seq <= upto`, in order.
     pub fn range(&self, after: u64, upto: u64) -> impl Iterator<Item = &Arc<Event>> {
         let start = self.events.partition_point(|e| e.seq <= after);
