@@ -427,7 +427,13 @@ impl Hub {
         std::fs::remove_file(path)?;
         let now = Instant::now();
         let mut st = self.lock();
-        let mut current: Option<(Arc<str>, u64, bool, Vec<Arc<Event>>)> = None;
+        struct Loaded {
+            name: Arc<str>,
+            evicted_upto: u64,
+            closed: bool,
+            events: Vec<Arc<Event>>,
+        }
+        let mut current: Option<Loaded> = None;
         let mut topics = Vec::new();
         let mut n = 0;
         for line in text.lines().filter(|l| !l.is_empty()) {
@@ -446,7 +452,12 @@ impl Hub {
                     closed,
                 } => {
                     topics.extend(current.take());
-                    current = Some((topic.into(), evicted_upto, closed, Vec::new()));
+                    current = Some(Loaded {
+                        name: topic.into(),
+                        evicted_upto,
+                        closed,
+                        events: Vec::new(),
+                    });
                 }
                 Snapshot::Event {
                     seq,
@@ -454,7 +465,7 @@ impl Hub {
                     age_ms,
                     sse,
                 } => {
-                    let Some((name, _, _, events)) = current.as_mut() else {
+                    let Some(Loaded { name, events, .. }) = current.as_mut() else {
                         return Err(std::io::Error::other(
                             "history file: event before its topic",
                         ));
@@ -474,10 +485,16 @@ impl Hub {
             }
         }
         topics.extend(current.take());
-        for (name, evicted_upto, closed, events) in topics {
-            let mut history = History::restored(events, evicted_upto);
+        for t in topics {
+            let mut history = History::restored(t.events, t.evicted_upto);
             history.evict(&self.limits, now);
-            st.topics.insert(name, TopicState { history, closed });
+            st.topics.insert(
+                t.name,
+                TopicState {
+                    history,
+                    closed: t.closed,
+                },
+            );
         }
         Ok(n)
     }
