@@ -81,7 +81,7 @@ fn unknown_or_expired_ids_get_a_gap_event_before_the_retained_ones() {
 
 #[test]
 fn resuming_while_events_are_published_has_no_gap_and_no_duplicate() {
-    const CLIENTS: usize = 1000;
+    const CLIENTS: usize = 2000;
     const BEFORE: usize = 100;
     const TOTAL: usize = 600;
     let Some(s) = start(|c| c.history_events = 10_000) else {
