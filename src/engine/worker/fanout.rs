@@ -1,0 +1,254 @@
+//! Fan-out inside a worker: each local topic keeps a log of the events this worker took
+//! for it, and a subscriber is a cursor into that log. An event is appended once and the
+//! dense subscriber list is walked, marking connections ready; entries are dropped once
+//! every cursor has passed them, and a subscriber too far behind is disconnected.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use slab::Slab;
+
+use super::{flag, frame_of, ConnId, Core, Phase, Sub};
+use crate::fanout::bus::BusMsg;
+use crate::fanout::topic::Event;
+
+pub(super) struct LogEntry {
+    pub(super) ev: Arc<Event>,
+    /// Cumulative wire bytes of the log up to and including this entry.
+    pub(super) end: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SubRef {
+    pub(super) conn: ConnId,
+    /// Index into the connection's `subs`.
+    pub(super) slot: u32,
+}
+
+/// A topic as one worker sees it: its local subscribers and recent events.
+pub(super) struct LocalTopic {
+    pub(super) name: Arc<str>,
+    pub(super) subs: Vec<SubRef>,
+    pub(super) log: VecDeque<LogEntry>,
+    /// Absolute index of `log[0]`.
+    pub(super) base: u64,
+    /// Cumulative bytes before `log[0]`.
+    pub(super) base_bytes: u64,
+}
+
+impl LocalTopic {
+    pub(super) fn end(&self) -> u64 {
+        self.base + self.log.len() as u64
+    }
+
+    pub(super) fn end_bytes(&self) -> u64 {
+        self.log.back().map_or(self.base_bytes, |e| e.end)
+    }
+
+    /// Cumulative bytes before absolute index `i`.
+    pub(super) fn bytes_before(&self, i: u64) -> u64 {
+        match i.checked_sub(self.base + 1) {
+            Some(k) => self.log[k as usize].end,
+            None => self.base_bytes,
+        }
+    }
+
+    pub(super) fn entry(&self, i: u64) -> Option<&Arc<Event>> {
+        let k = i.checked_sub(self.base)?;
+        self.log.get(k as usize).map(|e| &e.ev)
+    }
+
+    /// Drop entries below absolute index `upto`.
+    pub(super) fn trim(&mut self, upto: u64) {
+        if upto <= self.base {
+            return;
+        }
+        let k = (upto - self.base) as usize;
+        self.base_bytes = self.log[k - 1].end;
+        self.log.drain(..k);
+        self.base = upto;
+    }
+}
+
+impl<H> Core<H> {
+    // ---- fan-out ------------------------------------------------------------------
+
+    /// Take everything the hub queued for this worker.
+    pub fn drain_inbox(&mut self) {
+        let shared = self.shared.clone();
+        let inbox = shared.hub.inbox(self.id);
+        inbox.unpark();
+        while let Some(msg) = inbox.pop() {
+            match msg {
+                BusMsg::Event(ev) => self.handle_event(ev),
+                BusMsg::Close(name) => self.handle_topic_close(&name),
+            }
+        }
+    }
+
+    /// Block-ready check: returns false if the inbox got something meanwhile.
+    pub fn park(&self) -> bool {
+        self.shared.hub.inbox(self.id).park()
+    }
+
+    pub(super) fn handle_event(&mut self, ev: Arc<Event>) {
+        self.seen_seq = ev.seq;
+        self.counters.events_received += 1;
+        let Some(&t) = self.topic_ids.get(&ev.topic) else {
+            return;
+        };
+        let max_backlog = self.shared.config.max_backlog as u64;
+        let topic = &mut self.topics[t as usize];
+        self.counters.fanout_backlog_bytes += ev.wire_len() as u64;
+        let end = topic.end_bytes() + ev.wire_len() as u64;
+        topic.log.push_back(LogEntry { ev, end });
+        let mut min_cursor = topic.end();
+        for sref in &topic.subs {
+            let Some(conn) = self.conns.get_mut(sref.conn as usize) else {
+                continue;
+            };
+            let sub = conn.subs.as_slice()[sref.slot as usize];
+            min_cursor = min_cursor.min(sub.cursor);
+            if conn.phase == Phase::Closing {
+                continue;
+            }
+            if end - topic.bytes_before(sub.cursor) > max_backlog {
+                // Too slow: it resumes with Last-Event-ID after reconnecting.
+                if conn.phase != Phase::Closing {
+                    conn.phase = Phase::Closing;
+                    self.closing.push(sref.conn);
+                    self.counters.slow_consumer_disconnects += 1;
+                }
+                continue;
+            }
+            if conn.flags & (flag::READY | flag::WRITING) == 0 {
+                conn.flags |= flag::READY;
+                self.ready.push(sref.conn);
+            }
+        }
+        let before = topic.base_bytes;
+        topic.trim(min_cursor);
+        self.counters.fanout_backlog_bytes -= topic.base_bytes - before;
+    }
+
+    pub(super) fn handle_topic_close(&mut self, name: &str) {
+        let Some(&t) = self.topic_ids.get(name) else {
+            return;
+        };
+        let conns: Vec<ConnId> = self.topics[t as usize]
+            .subs
+            .iter()
+            .map(|s| s.conn)
+            .collect();
+        for c in conns {
+            self.counters.topics_closed_streams += 1;
+            self.start_drain(c, None, 0);
+        }
+    }
+}
+
+/// Visit the live frames pending for a set of subscriptions in publish (`seq`) order,
+/// calling `f(slot, event)` until it returns false. One subscription walks its log
+/// directly; several are merged by sequence.
+pub(super) fn walk_live<'a>(
+    subs: &[Sub],
+    topics: &'a Slab<LocalTopic>,
+    mut f: impl FnMut(usize, &'a Event) -> bool,
+) {
+    match subs {
+        [] => {}
+        [s] => {
+            let t = &topics[s.topic as usize];
+            let mut i = s.cursor;
+            while let Some(ev) = t.entry(i) {
+                if !f(0, ev) {
+                    return;
+                }
+                i += 1;
+            }
+        }
+        many => {
+            // Merge by sequence over copies of the cursors (no allocation up to 64 topics).
+            let mut small = [0u64; 64];
+            let mut large = Vec::new();
+            let cur: &mut [u64] = if many.len() <= small.len() {
+                &mut small[..many.len()]
+            } else {
+                large.resize(many.len(), 0);
+                &mut large
+            };
+            for (k, s) in many.iter().enumerate() {
+                cur[k] = s.cursor;
+            }
+            while let Some(k) = next_in_order(many, cur, topics) {
+                let ev = topics[many[k].topic as usize]
+                    .entry(cur[k])
+                    .expect("checked");
+                cur[k] += 1;
+                if !f(k, ev) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The subscription whose next pending event has the lowest sequence.
+pub(super) fn next_in_order(subs: &[Sub], cur: &[u64], topics: &Slab<LocalTopic>) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    for (k, s) in subs.iter().enumerate() {
+        if let Some(ev) = topics[s.topic as usize].entry(cur[k]) {
+            if best.is_none_or(|(_, seq)| ev.seq < seq) {
+                best = Some((k, ev.seq));
+            }
+        }
+    }
+    best.map(|(k, _)| k)
+}
+
+/// Advance the cursors of `subs` over `left` written bytes of live frames, in the same
+/// order [`walk_live`] produced them. Returns (events completed, bytes into the next one).
+pub(super) fn consume_live(
+    subs: &mut [Sub],
+    topics: &Slab<LocalTopic>,
+    mut left: usize,
+    http10: bool,
+) -> (u64, u32) {
+    let mut delivered = 0;
+    loop {
+        let k = match subs.len() {
+            0 => return (delivered, 0),
+            1 => 0,
+            _ => {
+                let mut small = [0u64; 64];
+                let mut large = Vec::new();
+                let cur: &mut [u64] = if subs.len() <= small.len() {
+                    &mut small[..subs.len()]
+                } else {
+                    large.resize(subs.len(), 0);
+                    &mut large
+                };
+                for (k, s) in subs.iter().enumerate() {
+                    cur[k] = s.cursor;
+                }
+                match next_in_order(subs, cur, topics) {
+                    Some(k) => k,
+                    None => return (delivered, 0),
+                }
+            }
+        };
+        let Some(ev) = topics[subs[k].topic as usize].entry(subs[k].cursor) else {
+            return (delivered, 0);
+        };
+        let len = frame_of(ev, http10).len();
+        if left < len {
+            return (delivered, left as u32);
+        }
+        left -= len;
+        subs[k].cursor += 1;
+        delivered += 1;
+        if left == 0 {
+            return (delivered, 0);
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The HTTP side of a worker's connections: request heads and publish bodies in,
+//! one-off responses and new subscriptions out. A subscription asks the hub for its replay
+//! up to the last event this worker has taken, so replay and live delivery meet exactly.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::fanout::{LocalTopic, SubRef};
+use super::{flag, ConnId, Core, Phase, ReadBuf, ReadOutcome, Sub, Subs, DEMO_PAGE};
+use crate::fanout::bus::PublishFailure;
+use crate::http::request::{parse_head, HttpError, Parsed, Request, Route};
+use crate::http::response;
+use crate::sse::event::Publish;
+
+impl<H> Core<H> {
+    // ---- read ---------------------------------------------------------------------
+
+    /// Bytes arrived on connection `c`.
+    pub fn handle_read(&mut self, c: ConnId, data: &[u8]) -> ReadOutcome {
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return ReadOutcome::Stop;
+        };
+        match conn.phase {
+            Phase::Closing => return ReadOutcome::Stop,
+            // A subscriber has nothing more to say; whatever it sends is dropped.
+            Phase::Stream | Phase::Drain => return ReadOutcome::Continue,
+            Phase::Respond => {
+                // Pipelined request: keep it (bounded) until the response is written.
+                let rb = conn.rbuf.get_or_insert_with(Box::default);
+                if rb.buf.len() + data.len() > self.limits.max_head + self.limits.max_body {
+                    self.close(c);
+                    return ReadOutcome::Stop;
+                }
+                rb.buf.extend_from_slice(data);
+                return ReadOutcome::Continue;
+            }
+            Phase::Head | Phase::Body => {}
+        }
+        match conn.rbuf.as_mut() {
+            Some(rb) => rb.buf.extend_from_slice(data),
+            None if conn.phase == Phase::Head => {
+                // Fast path: the whole head arrived in one read, nothing is buffered.
+                return self.process_input(c, Some(data));
+            }
+            None => {
+                conn.rbuf = Some(Box::new(ReadBuf {
+                    buf: data.to_vec(),
+                    publish: None,
+                }))
+            }
+        }
+        self.process_input(c, None)
+    }
+
+    /// Peer closed its side (or the read failed).
+    pub fn handle_eof(&mut self, c: ConnId) {
+        if let Some(conn) = self.conns.get(c as usize) {
+            if conn.phase == Phase::Respond && conn.has(flag::WRITING) {
+                // Half-closed after sending its request: let the response finish.
+                if let Some(conn) = self.conns.get_mut(c as usize) {
+                    conn.flags &= !flag::KEEP_ALIVE;
+                }
+                return;
+            }
+            self.close(c);
+        }
+    }
+
+    /// Parse and act on buffered input (or `direct` bytes when nothing is buffered).
+    pub(super) fn process_input(&mut self, c: ConnId, direct: Option<&[u8]>) -> ReadOutcome {
+        match self.conns.get(c as usize).map(|cn| cn.phase) {
+            Some(Phase::Head) => self.process_head(c, direct),
+            Some(Phase::Body) => self.process_body(c),
+            Some(Phase::Closing) | None => ReadOutcome::Stop,
+            Some(_) => ReadOutcome::Continue,
+        }
+    }
+
+    pub(super) fn process_head(&mut self, c: ConnId, direct: Option<&[u8]>) -> ReadOutcome {
+        enum Step {
+            More(Option<Vec<u8>>),
+            Request(Request, Vec<u8>),
+            Refuse(HttpError),
+        }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return ReadOutcome::Stop;
+        };
+        let step = {
+            let buf: &[u8] = match (direct, conn.rbuf.as_ref()) {
+                (Some(d), _) => d,
+                (None, Some(rb)) => &rb.buf,
+                (None, None) => return ReadOutcome::Continue,
+            };
+            if buf.is_empty() {
+                return ReadOutcome::Continue;
+            }
+            match parse_head(buf, &self.limits) {
+                Ok(Parsed::Partial) => Step::More(direct.map(<[u8]>::to_vec)),
+                Ok(Parsed::Done(req)) => {
+                    let rest = buf[req.head_len..].to_vec();
+                    Step::Request(req, rest)
+                }
+                Err(e) => Step::Refuse(e),
+            }
+        };
+        match step {
+            Step::More(copy) => {
+                if let Some(buf) = copy {
+                    conn.rbuf = Some(Box::new(ReadBuf { buf, publish: None }));
+                }
+                ReadOutcome::Continue
+            }
+            Step::Request(req, rest) => {
+                conn.rbuf = (!rest.is_empty()).then(|| {
+                    Box::new(ReadBuf {
+                        buf: rest,
+                        publish: None,
+                    })
+                });
+                if !self.handle_request(c, req) {
+                    return ReadOutcome::Stop;
+                }
+                // A publish body or a pipelined request may follow.
+                self.process_input(c, None)
+            }
+            Step::Refuse(e) => {
+                self.fail(c, e);
+                ReadOutcome::Stop
+            }
+        }
+    }
+
+    pub(super) fn process_body(&mut self, c: ConnId) -> ReadOutcome {
+        let Some(rb) = self
+            .conns
+            .get_mut(c as usize)
+            .and_then(|cn| cn.rbuf.as_mut())
+        else {
+            return ReadOutcome::Continue;
+        };
+        let Some(want) = rb.publish.as_ref().map(|r| r.content_length) else {
+            self.close(c);
+            return ReadOutcome::Stop;
+        };
+        if rb.buf.len() < want {
+            return ReadOutcome::Continue;
+        }
+        let mut body = std::mem::take(&mut rb.buf);
+        rb.buf = body.split_off(want);
+        let req = rb.publish.take().expect("checked above");
+        self.finish_publish(c, *req, body);
+        ReadOutcome::Continue
+    }
+
+    /// Act on a parsed request head. Returns false if the connection is done.
+    pub(super) fn handle_request(&mut self, c: ConnId, req: Request) -> bool {
+        if self
+            .conns
+            .get(c as usize)
+            .is_some_and(|cn| cn.has(flag::REJECT))
+        {
+            self.respond(c, response::unavailable(1), false);
+            return false;
+        }
+        let keep = req.keep_alive;
+        let head_only = req.head_only;
+        let simple =
+            |status, ct: &str, body: &[u8]| response::simple(status, ct, body, "", keep, head_only);
+        match req.route {
+            Route::Health => self.respond(c, simple(200, "text/plain", b"ok\n"), keep),
+            Route::Metrics => {
+                let backend = self.shared.backend.get().copied().unwrap_or("unknown");
+                let text = crate::metrics::render(&self.shared.hub, &self.shared.stats, backend);
+                let ct = "text/plain; version=0.0.4; charset=utf-8";
+                self.respond(c, simple(200, ct, text.as_bytes()), keep)
+            }
+            Route::Demo if self.shared.config.demo => {
+                let page = simple(200, "text/html; charset=utf-8", DEMO_PAGE.as_bytes());
+                self.respond(c, page, keep)
+            }
+            Route::Demo => self.fail(c, HttpError::NotFound),
+            Route::Preflight => {
+                let cors = self.shared.cors.headers(req.origin.as_deref());
+                self.respond(c, response::preflight(&cors), keep)
+            }
+            Route::Publish { .. } => return self.start_publish(c, req),
+            Route::Subscribe { .. } => self.subscribe(c, req),
+        }
+        keep && self
+            .conns
+            .get(c as usize)
+            .is_some_and(|cn| cn.phase != Phase::Closing)
+    }
+
+    /// A publish head: check who may publish and how big, then read the body.
+    pub(super) fn start_publish(&mut self, c: ConnId, req: Request) -> bool {
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return false;
+        };
+        let refusal: Option<(u16, &[u8])> = if !conn.has(flag::PUBLISHER) {
+            Some((403, b"publishing is not allowed from this address\n"))
+        } else if req.chunked_body {
+            Some((411, b"send the event data with a Content-Length\n"))
+        } else {
+            None
+        };
+        if let Some((status, body)) = refusal {
+            self.counters.http_errors += 1;
+            self.respond(
+                c,
+                response::simple(status, "text/plain", body, "", false, false),
+                false,
+            );
+            return false;
+        }
+        if req.content_length > self.limits.max_body {
+            self.fail(c, HttpError::PayloadTooLarge);
+            return false;
+        }
+        conn.phase = Phase::Body;
+        conn.rbuf.get_or_insert_with(Box::default).publish = Some(Box::new(req));
+        true
+    }
+
+    pub(super) fn finish_publish(&mut self, c: ConnId, req: Request, body: Vec<u8>) {
+        let Route::Publish {
+            topic,
+            event,
+            id,
+            retry,
+        } = req.route
+        else {
+            return;
+        };
+        let Ok(data) = String::from_utf8(body) else {
+            self.counters.http_errors += 1;
+            let b = b"event data must be UTF-8\n";
+            return self.respond(
+                c,
+                response::simple(400, "text/plain", b, "", false, false),
+                false,
+            );
+        };
+        let p = Publish {
+            topic,
+            data,
+            event,
+            id,
+            retry,
+        };
+        let keep = req.keep_alive;
+        let cors = self.shared.cors.headers(req.origin.as_deref());
+        match self.shared.hub.try_publish(&p) {
+            Ok(done) => {
+                self.counters.http_publishes += 1;
+                let body = format!("{}\n", serde_json::json!({ "id": &*done.id }));
+                let r =
+                    response::simple(200, "application/json", body.as_bytes(), &cors, keep, false);
+                self.respond(c, r, keep);
+            }
+            Err(PublishFailure::Invalid(e)) => {
+                self.counters.http_errors += 1;
+                let body = format!("{}\n", serde_json::json!({ "error": e.to_string() }));
+                let r =
+                    response::simple(400, "application/json", body.as_bytes(), &cors, keep, false);
+                self.respond(c, r, keep);
+            }
+            Err(PublishFailure::Busy) => {
+                self.counters.http_errors += 1;
+                self.respond(c, response::unavailable(1), false);
+            }
+        }
+    }
+
+    /// Answer with an HTTP error and close.
+    pub(super) fn fail(&mut self, c: ConnId, e: HttpError) {
+        self.counters.http_errors += 1;
+        tracing::trace!(
+            worker = self.id,
+            conn = c,
+            status = e.status(),
+            "request refused"
+        );
+        self.respond(c, response::error(&e), false);
+    }
+
+    /// Queue a one-off response; then close, or wait for the next request if `keep`.
+    pub(super) fn respond(&mut self, c: ConnId, bytes: Vec<u8>, keep: bool) {
+        let write_ticks = self.ticks(self.shared.config.write_timeout);
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        conn.phase = Phase::Respond;
+        if keep {
+            conn.flags |= flag::KEEP_ALIVE;
+        } else {
+            conn.flags &= !flag::KEEP_ALIVE;
+        }
+        conn.pre.push_back(Bytes::from(bytes));
+        self.wheel.insert(c, self.now_tick + write_ticks);
+        self.mark_ready(c);
+    }
+
+    pub(super) fn mark_ready(&mut self, c: ConnId) {
+        if let Some(conn) = self.conns.get_mut(c as usize) {
+            if conn.flags & (flag::READY | flag::WRITING) == 0 && conn.phase != Phase::Closing {
+                conn.flags |= flag::READY;
+                self.ready.push(c);
+            }
+        }
+    }
+
+    // ---- subscribe ----------------------------------------------------------------
+
+    pub(super) fn subscribe(&mut self, c: ConnId, req: Request) {
+        let Route::Subscribe {
+            topics,
+            last_event_id,
+        } = req.route
+        else {
+            return;
+        };
+        let cors = self.shared.cors.headers(req.origin.as_deref());
+        let attach = self
+            .shared
+            .hub
+            .attach(&topics, last_event_id.as_deref(), self.seen_seq);
+        if attach.closed {
+            return self.respond(c, response::no_content(&cors), false);
+        }
+        let http10 = req.http10;
+        let head = response::stream_head(http10, &cors, self.shared.config.retry);
+        let subs: Vec<Sub> = topics
+            .iter()
+            .map(|name| {
+                let t = self.local_topic(name);
+                Sub {
+                    topic: t,
+                    pos: 0,
+                    cursor: self.topics[t as usize].end(),
+                }
+            })
+            .collect();
+        let ka = self.ticks(self.shared.config.keepalive);
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        conn.phase = Phase::Stream;
+        if http10 {
+            conn.flags |= flag::HTTP10;
+        }
+        conn.rbuf = None;
+        conn.pre.push_back(Bytes::from(head));
+        let piece = |f: &crate::sse::encode::Frame| {
+            if http10 {
+                let start = f.body_start as usize;
+                f.bytes.slice(start..f.bytes.len() - 2)
+            } else {
+                f.bytes.clone()
+            }
+        };
+        if let Some(gap) = &attach.gap {
+            conn.pre.push_back(piece(gap));
+        }
+        for ev in &attach.replay {
+            conn.pre.push_back(piece(&ev.frame));
+        }
+        conn.subs = if subs.len() == 1 {
+            Subs::One(subs[0])
+        } else {
+            Subs::Many(subs.into())
+        };
+        for (slot, s) in conn.subs.as_mut_slice().iter_mut().enumerate() {
+            let t = &mut self.topics[s.topic as usize];
+            s.pos = t.subs.len() as u32;
+            t.subs.push(SubRef {
+                conn: c,
+                slot: slot as u32,
+            });
+        }
+        self.counters.streams_started += 1;
+        self.counters.streams_open += 1;
+        self.wheel.insert(c, self.now_tick + ka);
+        self.mark_ready(c);
+    }
+
+    pub(super) fn local_topic(&mut self, name: &str) -> u32 {
+        if let Some(&t) = self.topic_ids.get(name) {
+            return t;
+        }
+        let name: Arc<str> = name.into();
+        let t = self.topics.insert(LocalTopic {
+            name: name.clone(),
+            subs: Vec::new(),
+            log: VecDeque::new(),
+            base: 0,
+            base_bytes: 0,
+        }) as u32;
+        self.topic_ids.insert(name, t);
+        t
+    }
+
+    /// Remove connection `c`'s subscriptions (its cursors no longer pin log entries).
+    pub(super) fn detach(&mut self, c: ConnId) {
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        let subs = std::mem::replace(&mut conn.subs, Subs::None);
+        if subs.as_slice().is_empty() {
+            return;
+        }
+        self.counters.streams_open = self.counters.streams_open.saturating_sub(1);
+        for s in subs.as_slice() {
+            let t = &mut self.topics[s.topic as usize];
+            t.subs.swap_remove(s.pos as usize);
+            if let Some(moved) = t.subs.get(s.pos as usize).copied() {
+                if let Some(mc) = self.conns.get_mut(moved.conn as usize) {
+                    mc.subs.as_mut_slice()[moved.slot as usize].pos = s.pos;
+                }
+            }
+            if t.subs.is_empty() {
+                let t = self.topics.remove(s.topic as usize);
+                self.counters.fanout_backlog_bytes -= t.end_bytes() - t.base_bytes;
+                self.topic_ids.remove(&t.name);
+            }
+        }
+    }
+}
