@@ -1,0 +1,310 @@
+//! The report: every figure of one run, serialised to JSON (`--json`) and printed as a
+//! table. Units are in the field names; "per delivery" divides by deliveries counted by
+//! the children during the publish window.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+
+use super::publish::PublishStats;
+use crate::procfs::{Machine, SysCounters, ThreadCpu};
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of an ns histogram, in µs.
+    pub fn us(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1e3;
+        Percentiles {
+            count: h.len(),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: h.max() as f64 / 1e3,
+        }
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ConnectReport {
+    pub requested: u64,
+    pub connected: u64,
+    pub failed: BTreeMap<String, u64>,
+    pub children: usize,
+    pub seconds: f64,
+    pub per_second: f64,
+    /// connect start → 200 response head, µs.
+    pub setup_us: Percentiles,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct MemoryReport {
+    pub server_rss_before_kib: u64,
+    pub server_rss_idle_kib: u64,
+    pub server_rss_per_conn_bytes: f64,
+    pub slab_delta_kib: i64,
+    /// Δ Slab / connections: both ends of each loopback connection are counted.
+    pub kernel_slab_per_conn_bytes: f64,
+    pub tcp_mem_delta_pages: i64,
+    /// Δ sockstat TCP mem × 4096 / connections (both ends, loopback).
+    pub tcp_mem_per_conn_bytes: f64,
+    pub tcp_inuse_idle: u64,
+    pub note: &'static str,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct HoldReport {
+    pub seconds: f64,
+    pub keepalives: u64,
+    /// live subscribers × hold / 15 s.
+    pub keepalives_expected_15s: f64,
+    pub streams_dropped: u64,
+    pub live_at_end: u64,
+    pub server_cpu_ms: f64,
+    pub server_cpu_pct: f64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ThreadReport {
+    pub name: String,
+    pub tid: u32,
+    pub cpu: i64,
+    pub cpu_ms: f64,
+    pub us_per_delivery: f64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PublishReport {
+    pub via: String,
+    pub topics: usize,
+    pub events_per_topic: u64,
+    pub rate: f64,
+    pub burst: bool,
+    pub publisher: PublishStats,
+    pub publish_seconds: f64,
+    /// first publish → last delivery (or drain timeout), s.
+    pub window_seconds: f64,
+    pub complete: bool,
+    pub expected_deliveries: u64,
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+    pub missing: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub out_of_range: u64,
+    pub foreign_events: u64,
+    pub streams_dropped: BTreeMap<String, u64>,
+    /// publish → receive, every delivery, µs.
+    pub latency_us: Percentiles,
+    /// per event: publish → first subscriber received, µs.
+    pub first_delivery_us: Percentiles,
+    /// per event: publish → last subscriber received, µs.
+    pub fanout_completion_us: Percentiles,
+    pub server_cpu_ms: f64,
+    /// Server process CPU (schedstat run time, all threads) / deliveries.
+    pub server_cpu_us_per_delivery: f64,
+    /// Same from /proc/PID/stat utime+stime (clock-tick resolution).
+    pub server_cpu_stat_us_per_delivery: f64,
+    pub server_threads: Vec<ThreadReport>,
+    /// Busy time of --server-cpus (user+system+irq+softirq, everything on those cores).
+    pub server_cores_busy_us_per_delivery: Option<f64>,
+    pub loadgen_cpu_ms: f64,
+    pub loadgen_cpu_us_per_delivery: f64,
+    pub publisher_cpu_ms: f64,
+    pub loadgen_cheaper_than_server: bool,
+    pub peak_server_rss_kib: u64,
+    pub peak_tcp_mem_pages: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct NetReport {
+    pub softnet_drops: u64,
+    pub retrans_connect_phase: u64,
+    pub retrans_measured_phase: u64,
+    pub listen_drops_connect_phase: u64,
+    pub listen_drops_measured_phase: u64,
+    pub before: SysCounters,
+    pub after: SysCounters,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub label: String,
+    pub unix_time: u64,
+    pub machine: Machine,
+    pub server_pids: Vec<u32>,
+    pub options: serde_json::Value,
+    pub connect: ConnectReport,
+    pub memory: MemoryReport,
+    pub hold: Option<HoldReport>,
+    pub publish: Option<PublishReport>,
+    pub network: NetReport,
+    pub valid: bool,
+    pub invalid_reasons: Vec<String>,
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub threads_before: Vec<ThreadCpu>,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let c = &self.connect;
+        let _ = writeln!(
+            s,
+            "herald-bench {}  ({}, {} cpus, kernel {})",
+            self.label, self.machine.cpu_model, self.machine.cpus, self.machine.kernel
+        );
+        let _ = writeln!(
+            s,
+            "{:<34} {}",
+            "run",
+            if self.valid {
+                "VALID".to_string()
+            } else {
+                format!("INVALID: {}", self.invalid_reasons.join("; "))
+            }
+        );
+        for w in &self.warnings {
+            let _ = writeln!(s, "{:<34} {w}", "warning");
+        }
+        let _ = writeln!(
+            s,
+            "{:<34} {}/{} in {:.2} s over {} child(ren) = {:.0}/s",
+            "subscribers connected", c.connected, c.requested, c.seconds, c.children, c.per_second
+        );
+        if !c.failed.is_empty() {
+            let _ = writeln!(s, "{:<34} {:?}", "connect failures", c.failed);
+        }
+        let _ = writeln!(
+            s,
+            "{:<34} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            "connect→200 head",
+            c.setup_us.p50 / 1e3,
+            c.setup_us.p99 / 1e3,
+            c.setup_us.max / 1e3
+        );
+        let m = &self.memory;
+        let _ = writeln!(
+            s,
+            "{:<34} {:.0} B  ({} → {} KiB)",
+            "server RSS per connection",
+            m.server_rss_per_conn_bytes,
+            m.server_rss_before_kib,
+            m.server_rss_idle_kib
+        );
+        let _ = writeln!(
+            s,
+            "{:<34} {:.0} B slab, {:.0} B tcp_mem",
+            "kernel per connection (both ends)",
+            m.kernel_slab_per_conn_bytes,
+            m.tcp_mem_per_conn_bytes
+        );
+        if let Some(h) = &self.hold {
+            let _ = writeln!(s, "{:<34} {:.0} s: {} keep-alives (≈{:.0} expected at 15 s), {} dropped, server CPU {:.2} %", "hold", h.seconds, h.keepalives, h.keepalives_expected_15s, h.streams_dropped, h.server_cpu_pct);
+        }
+        if let Some(p) = &self.publish {
+            let _ = writeln!(
+                s,
+                "{:<34} {} events × {} topic(s) via {} {}",
+                "publish",
+                p.events_per_topic,
+                p.topics,
+                p.via,
+                if p.burst {
+                    "burst".to_string()
+                } else {
+                    format!("at {}/s", p.rate)
+                }
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} {}/{} ({}), {:.0}/s over {:.2} s",
+                "deliveries",
+                p.deliveries,
+                p.expected_deliveries,
+                if p.complete { "complete" } else { "INCOMPLETE" },
+                p.deliveries_per_s,
+                p.window_seconds
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} missing {}  dup {}  out-of-order {}  dropped {:?}",
+                "checks", p.missing, p.duplicates, p.out_of_order, p.streams_dropped
+            );
+            let l = &p.latency_us;
+            let _ = writeln!(
+                s,
+                "{:<34} p50 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+                "delivery latency µs", l.p50, l.p99, l.p999, l.max
+            );
+            let f = &p.fanout_completion_us;
+            let _ = writeln!(
+                s,
+                "{:<34} p50 {:.0}  p99 {:.0}  max {:.0}",
+                "fan-out completion µs", f.p50, f.p99, f.max
+            );
+            let f = &p.first_delivery_us;
+            let _ = writeln!(
+                s,
+                "{:<34} p50 {:.0}  p99 {:.0}",
+                "first delivery µs", f.p50, f.p99
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} {:.2} µs ({:.0} ms; stat {:.2} µs)",
+                "server CPU per delivery",
+                p.server_cpu_us_per_delivery,
+                p.server_cpu_ms,
+                p.server_cpu_stat_us_per_delivery
+            );
+            for t in &p.server_threads {
+                let _ = writeln!(
+                    s,
+                    "{:<34} {:.2} µs ({:.0} ms, cpu {})",
+                    format!("  thread {}", t.name),
+                    t.us_per_delivery,
+                    t.cpu_ms,
+                    t.cpu
+                );
+            }
+            if let Some(b) = p.server_cores_busy_us_per_delivery {
+                let _ = writeln!(s, "{:<34} {:.2} µs", "server cores busy per delivery", b);
+            }
+            let _ = writeln!(
+                s,
+                "{:<34} {:.2} µs ({:.0} ms){}",
+                "load generator CPU per delivery",
+                p.loadgen_cpu_us_per_delivery,
+                p.loadgen_cpu_ms,
+                if p.loadgen_cheaper_than_server {
+                    ""
+                } else {
+                    "  NOT cheaper than the server"
+                }
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} {} KiB RSS, {} pages tcp_mem",
+                "peak during publish", p.peak_server_rss_kib, p.peak_tcp_mem_pages
+            );
+        }
+        let n = &self.network;
+        let _ = writeln!(s, "{:<34} softnet drops {}  retrans {} (+{} while connecting)  listen drops {} (+{} while connecting)", "network", n.softnet_drops, n.retrans_measured_phase, n.retrans_connect_phase, n.listen_drops_measured_phase, n.listen_drops_connect_phase);
+        s
+    }
+}
