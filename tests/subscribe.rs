@@ -111,6 +111,26 @@ fn idle_streams_get_keepalive_comments() {
 }
 
 #[test]
+fn an_idle_stream_hears_from_the_server_within_one_keepalive_interval() {
+    // The contract: a stream idle for --keepalive gets a comment. (Measured with a margin
+    // for a busy machine; a server that waits a second interval fails it.)
+    let interval = Duration::from_millis(1000);
+    let Some(s) = start(|c| c.keepalive = interval) else {
+        return;
+    };
+    let mut c = Client::subscribe(s.addr, "/events/quiet");
+    let start = std::time::Instant::now();
+    let first = c.parser.comments;
+    c.wait_until(|p, _| p.comments > first);
+    let waited = start.elapsed();
+    assert!(
+        waited < interval * 18 / 10,
+        "first keep-alive after {waited:?}"
+    );
+    s.stop();
+}
+
+#[test]
 fn http10_clients_get_a_close_delimited_body() {
     let Some(s) = start(|_| {}) else { return };
     let mut stream = std::net::TcpStream::connect(s.addr).unwrap();

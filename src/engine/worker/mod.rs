@@ -104,8 +104,6 @@ mod flag {
     pub const READY: u8 = 2;
     /// A write is in flight (uring) or blocked on a full socket buffer (epoll).
     pub const WRITING: u8 = 4;
-    /// Something was written since the last keep-alive check.
-    pub const WROTE: u8 = 8;
     /// Keep the connection for another request after this response.
     pub const KEEP_ALIVE: u8 = 16;
     /// May POST /publish (peer address in `publish-allow`).
@@ -477,8 +475,15 @@ impl<H> Core<H> {
                 self.close(c);
             }
             Phase::Stream => {
+                // Idle for its due time (the interval less this connection's jitter):
+                // send the shared keep-alive. Silence never exceeds the interval, and
+                // streams that went quiet together after a broadcast spread out again.
+                let due = ka - keepalive_jitter(c, ka);
+                let idle = (now as u32).wrapping_sub(conn.progress) as u64;
                 let writing = conn.has(flag::WRITING);
-                if !conn.has(flag::WROTE) && !writing && conn.pre.is_empty() {
+                let next = if writing {
+                    due.min(stall)
+                } else if idle >= due && conn.pre.is_empty() {
                     let ka_bytes = if conn.has(flag::HTTP10) {
                         KEEPALIVE_BODY
                     } else {
@@ -487,10 +492,10 @@ impl<H> Core<H> {
                     conn.pre.push_back(Bytes::from_static(ka_bytes));
                     self.counters.keepalives += 1;
                     self.mark_ready(c);
-                }
-                let conn = &mut self.conns[c as usize];
-                conn.flags &= !flag::WROTE;
-                let next = if writing { ka.min(stall) } else { ka };
+                    due
+                } else {
+                    due.saturating_sub(idle).max(1)
+                };
                 self.wheel.insert(c, now + next);
             }
             Phase::Closing => {}
@@ -627,7 +632,6 @@ impl<H> Core<H> {
             return;
         };
         conn.progress = now;
-        conn.flags |= flag::WROTE;
         self.counters.bytes_written += n as u64;
         let mut left = n + conn.off as usize;
         conn.off = 0;
@@ -713,4 +717,9 @@ impl<H> Core<H> {
         self.counters.connections_closed += 1;
         Some(conn.handle)
     }
+}
+
+/// Up to a quarter of the keep-alive interval, fixed per connection id.
+fn keepalive_jitter(c: ConnId, ka: u64) -> u64 {
+    ((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % (ka / 4 + 1)
 }
