@@ -143,17 +143,7 @@ async fn ingest(listener: TcpListener, st: Arc<AppState>) {
 
 fn main() -> Result<()> {
     let opt = Opt::parse();
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `r` is a valid rlimit to fill and pass back; raising soft to hard is allowed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
+    herald_bench::procfs::raise_nofile();
     let next = AtomicUsize::new(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opt.workers.max(1))

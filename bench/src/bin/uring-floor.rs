@@ -418,17 +418,7 @@ fn ingest(addr: SocketAddr, workers: Vec<(Sender<Arc<Vec<u8>>>, RawFd)>) -> Resu
 
 fn main() -> Result<()> {
     let opt = Opt::parse();
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `r` is a valid rlimit to fill and pass back; raising soft to hard is allowed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
+    herald_bench::procfs::raise_nofile();
     let open = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     let mut wakers = Vec::new();
