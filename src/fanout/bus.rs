@@ -165,6 +165,14 @@ pub struct Hub {
     pub stats: HubStats,
 }
 
+/// The registry's shared name for `topic`, or a new one.
+fn intern(st: &State, topic: &str) -> Arc<str> {
+    match st.topics.get_key_value(topic) {
+        Some((k, _)) => k.clone(),
+        None => topic.into(),
+    }
+}
+
 /// Microseconds since the Unix epoch: the base of herald's ids.
 fn wall_micros() -> u64 {
     SystemTime::now()
@@ -218,8 +226,7 @@ impl Hub {
         }
         let now = Instant::now();
         let mut st = self.lock();
-        // Only publishers push, and they hold the lock: room seen here stays.
-        if self.inboxes.iter().any(|i| i.queue.len() >= INBOX_CAPACITY) {
+        if !self.has_room() {
             return Err(PublishFailure::Busy);
         }
         let seq = (st.last_seq + 1).max(wall_micros());
@@ -229,10 +236,7 @@ impl Hub {
             None => seq.to_string().into(),
         };
         let frame = encode_event(p.event.as_deref(), &id, p.retry, &p.data);
-        let topic: Arc<str> = match st.topics.get_key_value(p.topic.as_str()) {
-            Some((k, _)) => k.clone(),
-            None => p.topic.as_str().into(),
-        };
+        let topic = intern(&st, &p.topic);
         let ev = Arc::new(Event {
             seq,
             topic: topic.clone(),
@@ -246,49 +250,49 @@ impl Hub {
         });
         t.closed = false;
         t.history.push(ev.clone(), &self.limits, now);
-        for inbox in self.inboxes.iter() {
-            // Room was checked above under the same lock.
-            let pushed = inbox.queue.push(BusMsg::Event(ev.clone()));
-            debug_assert!(pushed.is_ok());
-        }
-        drop(st);
+        self.send_all(st, || BusMsg::Event(ev.clone()));
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        for inbox in self.inboxes.iter() {
-            inbox.notify();
-        }
         Ok(Published { id, seq })
     }
 
     /// End every stream of `topic`; until the next publish, subscribing answers 204.
     pub fn close_topic(&self, topic: &str) {
-        loop {
-            let mut st = self.lock();
-            if self.inboxes.iter().any(|i| i.queue.len() >= INBOX_CAPACITY) {
-                drop(st);
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            }
-            let name: Arc<str> = match st.topics.get_key_value(topic) {
-                Some((k, _)) => k.clone(),
-                None => topic.into(),
-            };
-            st.topics
-                .entry(name.clone())
-                .or_insert_with(|| TopicState {
-                    history: History::default(),
-                    closed: false,
-                })
-                .closed = true;
-            for inbox in self.inboxes.iter() {
-                let pushed = inbox.queue.push(BusMsg::Close(name.clone()));
-                debug_assert!(pushed.is_ok());
+        let mut st = loop {
+            let st = self.lock();
+            if self.has_room() {
+                break st;
             }
             drop(st);
-            self.stats.topics_closed.fetch_add(1, Ordering::Relaxed);
-            for inbox in self.inboxes.iter() {
-                inbox.notify();
-            }
-            return;
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let name = intern(&st, topic);
+        st.topics
+            .entry(name.clone())
+            .or_insert_with(|| TopicState {
+                history: History::default(),
+                closed: false,
+            })
+            .closed = true;
+        self.send_all(st, || BusMsg::Close(name.clone()));
+        self.stats.topics_closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every inbox can take one more message. Only publishers push, and they hold the
+    /// lock, so room seen under the lock is still there when they push.
+    fn has_room(&self) -> bool {
+        self.inboxes.iter().all(|i| i.queue.len() < INBOX_CAPACITY)
+    }
+
+    /// Push one message to every inbox (room checked with [`Hub::has_room`] under the
+    /// same lock), release the lock, then wake the workers that are parked.
+    fn send_all(&self, st: MutexGuard<'_, State>, msg: impl Fn() -> BusMsg) {
+        for inbox in self.inboxes.iter() {
+            let pushed = inbox.queue.push(msg());
+            debug_assert!(pushed.is_ok());
+        }
+        drop(st);
+        for inbox in self.inboxes.iter() {
+            inbox.notify();
         }
     }
 

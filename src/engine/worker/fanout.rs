@@ -180,7 +180,7 @@ pub(super) fn walk_live<'a>(
             for (k, s) in many.iter().enumerate() {
                 cur[k] = s.cursor;
             }
-            while let Some(k) = next_in_order(many, cur, topics) {
+            while let Some(k) = next_in_order(many, |k| cur[k], topics) {
                 let ev = topics[many[k].topic as usize]
                     .entry(cur[k])
                     .expect("checked");
@@ -193,11 +193,16 @@ pub(super) fn walk_live<'a>(
     }
 }
 
-/// The subscription whose next pending event has the lowest sequence.
-pub(super) fn next_in_order(subs: &[Sub], cur: &[u64], topics: &Slab<LocalTopic>) -> Option<usize> {
+/// The subscription whose next pending event (at `cursor(k)` in its log) has the lowest
+/// sequence.
+pub(super) fn next_in_order(
+    subs: &[Sub],
+    cursor: impl Fn(usize) -> u64,
+    topics: &Slab<LocalTopic>,
+) -> Option<usize> {
     let mut best: Option<(usize, u64)> = None;
     for (k, s) in subs.iter().enumerate() {
-        if let Some(ev) = topics[s.topic as usize].entry(cur[k]) {
+        if let Some(ev) = topics[s.topic as usize].entry(cursor(k)) {
             if best.is_none_or(|(_, seq)| ev.seq < seq) {
                 best = Some((k, ev.seq));
             }
@@ -219,23 +224,11 @@ pub(super) fn consume_live(
         let k = match subs.len() {
             0 => return (delivered, 0),
             1 => 0,
-            _ => {
-                let mut small = [0u64; 64];
-                let mut large = Vec::new();
-                let cur: &mut [u64] = if subs.len() <= small.len() {
-                    &mut small[..subs.len()]
-                } else {
-                    large.resize(subs.len(), 0);
-                    &mut large
-                };
-                for (k, s) in subs.iter().enumerate() {
-                    cur[k] = s.cursor;
-                }
-                match next_in_order(subs, cur, topics) {
-                    Some(k) => k,
-                    None => return (delivered, 0),
-                }
-            }
+            // The cursors themselves move here, so no copy is needed.
+            _ => match next_in_order(subs, |k| subs[k].cursor, topics) {
+                Some(k) => k,
+                None => return (delivered, 0),
+            },
         };
         let Some(ev) = topics[subs[k].topic as usize].entry(subs[k].cursor) else {
             return (delivered, 0);

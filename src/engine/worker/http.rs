@@ -353,10 +353,10 @@ impl<H> Core<H> {
         }
         conn.rbuf = None;
         conn.pre.push_back(Bytes::from(head));
+        // HTTP/1.0 streams get the same bytes without the chunk framing (no copy).
         let piece = |f: &crate::sse::encode::Frame| {
             if http10 {
-                let start = f.body_start as usize;
-                f.bytes.slice(start..f.bytes.len() - 2)
+                f.body_bytes()
             } else {
                 f.bytes.clone()
             }

@@ -402,7 +402,7 @@ impl<H> Core<H> {
         if let Some(r) = retry {
             let f = encode_retry(r);
             let piece = if conn.has(flag::HTTP10) {
-                Bytes::copy_from_slice(f.body())
+                f.body_bytes()
             } else {
                 f.bytes
             };
