@@ -3,9 +3,11 @@
 //!
 //! [`start`] runs a server and returns a handle; `herald serve`, the integration tests
 //! and the bench all go through it.
-#![deny(unsafe_code)]
+#![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod config;
+pub mod core;
 pub mod engine;
 pub mod fanout;
 pub mod http;
@@ -20,8 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::core::Shared;
 pub use config::{BackendChoice, Config};
-use engine::worker::Shared;
 use engine::Backend;
 use ingest::listener::{IngestHandle, IngestSockets};
 

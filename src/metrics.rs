@@ -54,6 +54,8 @@ counters! {
     http_errors: "counter", "Requests answered with a 4xx/5xx status";
     http_publishes: "counter", "Events published with POST /publish";
     topics_closed_streams: "counter", "Streams ended by a topic close control message";
+    drain_cut: "counter", "Streams closed at the end of the drain window before their last chunk was written";
+    accept_pauses: "counter", "Accepts paused because the process ran out of descriptors or memory";
     loop_turns: "counter", "Event loop iterations";
 }
 

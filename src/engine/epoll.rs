@@ -5,14 +5,13 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpListener as StdListener;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::worker::{ConnId, Core, ReadOutcome, Shared, MAX_IOVECS};
+use crate::core::{AcceptAction, ConnId, Core, ReadOutcome, Shared, MAX_IOVECS};
 use crate::fanout::bus::Wake;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -47,8 +46,18 @@ struct Loop {
     reread: Vec<ConnId>,
 }
 
+/// Descriptors kept out of the connection limit: listeners, pollers, wakers, the ingest
+/// socket and its publishers, files, and the excess connections that are accepted only to
+/// be answered 503.
+const FD_RESERVE: usize = 256;
+
 /// Run worker `id` on the epoll backend until shutdown has drained it.
 pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<()> {
+    // Every epoll connection holds a descriptor: the limit follows the open-files limit.
+    if let Ok(nofile) = super::sys::raise_nofile_limit() {
+        let most = (nofile as usize).saturating_sub(FD_RESERVE).max(1);
+        shared.cap_connections(most);
+    }
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
     shared.hub.inbox(id).set_waker(Box::new(MioWake(waker)));
@@ -58,7 +67,7 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
         poll.registry().register(l, LISTENER, Interest::READABLE)?;
     }
     let mut lp = Loop {
-        core: Core::new(id, shared.clone()),
+        core: Core::new(id, shared.clone(), Instant::now()),
         poll,
         buf: vec![0u8; 64 << 10],
         reread: Vec::new(),
@@ -67,11 +76,11 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
     let mut ready = Vec::new();
     let mut closing = Vec::new();
     let mut reread = Vec::new();
+    // Edge-triggered: a listener with connections waiting is not reported again, so this
+    // stays set until an accept finds the queue empty (also across an accept pause).
     let mut accept_more = false;
-    let mut accept_retry: Option<Instant> = None;
-    let mut drain_deadline: Option<Instant> = None;
     loop {
-        lp.core.update_clock();
+        lp.core.set_now(Instant::now());
         std::mem::swap(&mut reread, &mut lp.reread);
         for c in reread.drain(..) {
             lp.read_ready(c);
@@ -95,35 +104,21 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
                 }
             }
         }
-        if accept_retry.is_some_and(|at| Instant::now() >= at) {
-            accept_retry = None;
-            accept_more = true;
-        }
-        if accept_more {
+        let accepting = accept_more && !lp.core.accept_paused();
+        if accepting {
             accept_more = match listener.as_ref() {
-                Some(l) => match lp.accept_some(l) {
-                    Ok(more) => more,
-                    Err(e) if is_transient_accept_error(&e) => {
-                        // Out of descriptors for now: back off instead of spinning.
-                        tracing::warn!(worker = id, error = %e, "accept failed; retrying in 100ms");
-                        accept_retry = Some(Instant::now() + Duration::from_millis(100));
-                        false
-                    }
-                    Err(e) => return Err(e),
-                },
+                Some(l) => lp.accept_some(l)?,
                 None => false,
             };
         }
         lp.core.drain_inbox();
         lp.core.handle_tick();
-        if shared.stop.load(Ordering::Acquire) && !lp.core.is_draining() {
+        if lp.core.stop_requested() {
             if let Some(mut l) = listener.take() {
                 lp.poll.registry().deregister(&mut l)?;
             }
+            accept_more = false;
             lp.core.begin_drain();
-            drain_deadline =
-                Some(Instant::now() + shared.config.drain_window + Duration::from_secs(2));
-            tracing::info!(worker = id, connections = lp.core.conn_count(), "draining");
         }
         lp.flush(&mut ready);
         lp.core.take_closing(&mut closing);
@@ -132,21 +127,18 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
             drop(lp.core.release(c));
         }
         lp.core.publish_stats();
-        if let Some(deadline) = drain_deadline {
-            if lp.core.conn_count() == 0 || Instant::now() >= deadline {
-                tracing::info!(worker = id, left = lp.core.conn_count(), "worker stopped");
-                return Ok(());
-            }
+        if lp.core.poll_exit() {
+            tracing::info!(worker = id, "worker stopped");
+            return Ok(());
         }
-        let busy = lp.core.has_work() || accept_more || !lp.reread.is_empty();
-        let mut timeout = if busy || !lp.core.park() {
+        let busy = lp.core.has_work()
+            || (accept_more && !lp.core.accept_paused())
+            || !lp.reread.is_empty();
+        let timeout = if busy || !lp.core.park() {
             Duration::ZERO
         } else {
             lp.core.poll_timeout()
         };
-        if accept_retry.is_some() {
-            timeout = timeout.min(Duration::from_millis(100));
-        }
         match lp.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => events.clear(),
@@ -181,8 +173,12 @@ impl Loop {
                     self.read_ready(c);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
-                Err(e) => return Err(e),
+                Err(e) => match self.core.handle_accept_error(&e) {
+                    AcceptAction::Retry => {}
+                    // Still waiting in the queue: accepted once the pause is over.
+                    AcceptAction::Pause => return Ok(true),
+                    AcceptAction::Fatal => return Err(e),
+                },
             }
         }
         Ok(true)
@@ -236,20 +232,4 @@ impl Loop {
             }
         }
     }
-}
-
-/// Accept errors that leave the listener usable (peer gone, out of descriptors for now).
-fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::EMFILE
-                | libc::ENFILE
-                | libc::ENOBUFS
-                | libc::ENOMEM
-                | libc::EPROTO
-                | libc::EPERM
-        )
-    )
 }

@@ -7,7 +7,6 @@ pub mod epoll;
 pub mod probe;
 pub mod sys;
 pub mod uring;
-pub mod worker;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -17,7 +16,7 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::BackendChoice;
-use worker::Shared;
+use crate::core::Shared;
 
 /// Listen backlog per worker listener.
 const BACKLOG: i32 = 4096;

@@ -21,6 +21,7 @@ use std::alloc::{self, Layout};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
+use std::mem::ManuallyDrop;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -30,8 +31,8 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, CancelBuilder, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
-use super::worker::{ConnId, Core, Shared, MAX_IOVECS};
 use super::{probe, sys};
+use crate::core::{AcceptAction, ConnId, Core, Shared, MAX_IOVECS};
 use crate::fanout::bus::Wake;
 
 /// Submission queue size (completion queue is 4x).
@@ -44,6 +45,8 @@ const BUF_SIZE: usize = 2048;
 const BGID: u16 = 7;
 /// Iovec blocks kept for reuse; beyond this a burst's blocks are freed when it is over.
 const SEND_POOL_MAX: usize = 1024;
+/// How long a worker's exit waits for cancelled operations to complete.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 /// Largest fixed-file table (kernel cap).
 const MAX_TABLE: u64 = 1 << 20;
 
@@ -228,11 +231,15 @@ impl Shard {
     }
 
     /// Push an SQE, spilling to the local backlog if the submission queue is full.
-    fn push(&mut self, entry: squeue::Entry) {
+    ///
+    /// # Safety
+    ///
+    /// Every pointer in `entry` (buffers, iovecs, `msghdr`, address slots) must stay valid
+    /// and unmoved until the operation's final completion has been reaped: the kernel may
+    /// read or write it at any time before that, including after a cancel.
+    unsafe fn push(&mut self, entry: squeue::Entry) {
         if self.backlog.is_empty() {
-            // SAFETY: every pointer in `entry` targets memory owned by the driver (a
-            // `SendBuf` held by the connection, an accept slot, the wake buffer) or by the
-            // worker core (frames pinned by cursors), alive until the op's completion.
+            // SAFETY: the caller keeps what `entry` points at alive until its completion.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -248,7 +255,8 @@ impl Shard {
 
     fn flush_backlog(&mut self) {
         while let Some(e) = self.backlog.pop_front() {
-            // SAFETY: see `push`.
+            // SAFETY: every backlog entry came through `push`, whose caller keeps its
+            // memory alive until the completion, which cannot come before submission.
             if unsafe { self.ring.submission().push(&e) }.is_err() {
                 self.backlog.push_front(e);
                 break;
@@ -281,14 +289,19 @@ impl Shard {
 }
 
 struct Driver {
-    shards: Vec<Shard>,
-    core: Core<UConn>,
+    /// The rings and the memory registered with them. Dropped only by `Drop for Driver`
+    /// after every operation completed, otherwise leaked (see `teardown`).
+    shards: ManuallyDrop<Vec<Shard>>,
+    /// The core holds the connections' iovec blocks and the frames sends point at: the
+    /// same rule as `shards`.
+    core: ManuallyDrop<Core<UConn>>,
     listener: Option<TcpListener>,
     /// Direct descriptors per shard.
     table: u32,
     max_shards: usize,
     efd: OwnedFd,
-    wake_buf: Box<u64>,
+    /// The eventfd read target: the same rule as `shards`.
+    wake_buf: ManuallyDrop<Box<u64>>,
     wake_armed: bool,
     /// Boxed on purpose: a block moves between this pool and a connection while the
     /// kernel may hold its address, so it must not live inline in a growable Vec.
@@ -296,7 +309,9 @@ struct Driver {
     send_pool: Vec<Box<SendBuf>>,
     /// Connections whose multishot recv ended for lack of buffers: re-armed next turn.
     rearm: Vec<ConnId>,
-    accept_retry: Option<Instant>,
+    /// Accepts could not all be armed (paused, or every table full): try again when the
+    /// core's pause is over or a slot frees.
+    accept_stalled: bool,
     cqes: Vec<(u64, i32, u32)>,
 }
 
@@ -320,51 +335,40 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: TcpListener) -> io::Result<
         "io_uring ready"
     );
     let mut d = Driver {
-        shards: vec![first],
-        core: Core::new(id, shared.clone()),
+        shards: ManuallyDrop::new(vec![first]),
+        core: ManuallyDrop::new(Core::new(id, shared.clone(), Instant::now())),
         listener: Some(listener),
         table,
         max_shards: shared.config.uring_rings,
         efd,
-        wake_buf: Box::new(0),
+        wake_buf: ManuallyDrop::new(Box::new(0)),
         wake_armed: false,
         send_pool: Vec::new(),
         rearm: Vec::new(),
-        accept_retry: None,
+        accept_stalled: false,
         cqes: Vec::with_capacity(1024),
     };
     d.arm_accepts();
     d.arm_wake();
-    let result = d.run_loop(&shared);
-    d.finish();
-    result
+    // `Drop for Driver` cancels and drains whatever is still in flight, on this path, on
+    // an error and on a panic alike.
+    d.run_loop()
 }
 
 impl Driver {
-    fn run_loop(&mut self, shared: &Shared) -> io::Result<()> {
-        let id = self.core.id;
+    fn run_loop(&mut self) -> io::Result<()> {
         let mut ready = Vec::new();
         let mut closing = Vec::new();
-        let mut drain_deadline: Option<Instant> = None;
-        let mut forced = false;
         loop {
-            self.core.update_clock();
+            self.core.set_now(Instant::now());
             self.reap_all()?;
             self.core.drain_inbox();
             self.core.handle_tick();
-            if shared.stop.load(Ordering::Acquire) && !self.core.is_draining() {
+            if self.core.stop_requested() {
                 self.stop_accepting();
                 self.core.begin_drain();
-                drain_deadline =
-                    Some(Instant::now() + shared.config.drain_window + Duration::from_secs(2));
-                tracing::info!(
-                    worker = id,
-                    connections = self.core.conn_count(),
-                    "draining"
-                );
             }
-            if self.accept_retry.is_some_and(|at| Instant::now() >= at) {
-                self.accept_retry = None;
+            if self.accept_stalled && !self.core.accept_paused() {
                 self.arm_accepts();
             }
             for c in std::mem::take(&mut self.rearm) {
@@ -376,40 +380,16 @@ impl Driver {
                 self.start_close(c);
             }
             self.core.publish_stats();
-            if let Some(deadline) = drain_deadline {
-                if self.core.conn_count() == 0 {
-                    tracing::info!(worker = id, "worker stopped");
-                    return Ok(());
-                }
-                let now = Instant::now();
-                if now >= deadline && !forced {
-                    forced = true;
-                    tracing::warn!(
-                        worker = id,
-                        left = self.core.conn_count(),
-                        "drain window over; closing the rest"
-                    );
-                    for c in self.core.iter_ids() {
-                        self.core.close(c);
-                    }
-                } else if forced && now >= deadline + Duration::from_secs(2) {
-                    tracing::warn!(
-                        worker = id,
-                        left = self.core.conn_count(),
-                        "stopping with connections still closing"
-                    );
-                    return Ok(());
-                }
+            if self.core.poll_exit() {
+                tracing::info!(worker = self.core.id, "worker stopped");
+                return Ok(());
             }
             for sh in self.shards.iter_mut().skip(1) {
                 sh.submit(0, Duration::ZERO)?;
             }
             let busy = self.core.has_work() || !self.rearm.is_empty();
             let wait = !busy && self.core.park();
-            let mut timeout = self.core.poll_timeout();
-            if self.accept_retry.is_some() || drain_deadline.is_some() {
-                timeout = timeout.min(Duration::from_millis(50));
-            }
+            let timeout = self.core.poll_timeout();
             self.shards[0].submit(usize::from(wait), timeout)?;
         }
     }
@@ -508,18 +488,19 @@ impl Driver {
                 self.shards[shard].open = self.table;
                 self.arm_accepts();
             }
-            libc::EMFILE | libc::ENOMEM | libc::ENOBUFS => {
-                if self.accept_retry.is_none() {
-                    tracing::warn!(worker = self.core.id, error = %io::Error::from_raw_os_error(-res), "accept paused for 100ms");
-                }
-                self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
-            }
             e => {
-                // Transient (peer reset before accept). Anything else would repeat: log it.
-                if e != libc::ECONNABORTED && e != libc::EINTR {
-                    tracing::warn!(worker = self.core.id, error = %io::Error::from_raw_os_error(e), "accept failed");
+                let err = io::Error::from_raw_os_error(e);
+                match self.core.handle_accept_error(&err) {
+                    AcceptAction::Retry => {}
+                    AcceptAction::Pause => {}
+                    AcceptAction::Fatal => {
+                        // An accept SQE fails on its own; pause rather than spin on it.
+                        tracing::warn!(worker = self.core.id, error = %err, "accept failed");
+                        self.core
+                            .handle_accept_error(&io::Error::from_raw_os_error(libc::ENOMEM));
+                    }
                 }
-                self.arm_accepts()
+                self.arm_accepts();
             }
         }
     }
@@ -591,9 +572,14 @@ impl Driver {
     /// for it (open + armed < table), opening a new shard when all are taken. A table must
     /// never overflow: the kernel would accept the connection and then reset it (ENFILE).
     fn arm_accepts(&mut self) {
-        if self.listener.is_none() || self.accept_retry.is_some() {
+        if self.listener.is_none() {
             return;
         }
+        if self.core.accept_paused() {
+            self.accept_stalled = true;
+            return;
+        }
+        self.accept_stalled = false;
         let armed = |sh: &Shard| sh.accepts.iter().filter(|a| a.armed).count() as u32;
         let mut want = ACCEPTS as u32 - self.shards.iter().map(armed).sum::<u32>();
         for k in 0..self.shards.len() {
@@ -619,18 +605,15 @@ impl Driver {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(worker = self.core.id, error = %e, "cannot open another io_uring ring; accept paused");
-                    self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                    tracing::warn!(worker = self.core.id, error = %e, "cannot open another io_uring ring");
+                    self.core
+                        .handle_accept_error(&io::Error::from_raw_os_error(libc::ENOMEM));
+                    self.accept_stalled = true;
                 }
             }
-        } else if want == ACCEPTS as u32 {
-            // Nothing armed anywhere: every ring is full. Closes re-arm; this is a backstop.
-            tracing::warn!(
-                worker = self.core.id,
-                rings = self.shards.len(),
-                "every ring's table is full; accept paused"
-            );
-            self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+        } else {
+            // Every ring is full: a close re-arms (`op::CLOSE`).
+            self.accept_stalled = true;
         }
     }
 
@@ -667,7 +650,9 @@ impl Driver {
             .multi(true)
             .build()
             .user_data(user_data(op::SHARD, 0, k as u32));
-        self.shards[0].push(entry);
+        // SAFETY: a poll SQE points at no memory of ours (the eventfd is owned by the
+        // shard, which outlives every op on its ring).
+        unsafe { self.shards[0].push(entry) };
     }
 
     fn arm_accept(&mut self, shard: usize, i: usize) {
@@ -676,7 +661,7 @@ impl Driver {
         };
         let fd = l.as_raw_fd();
         let sh = &mut self.shards[shard];
-        if sh.accepts[i].armed || self.accept_retry.is_some() {
+        if sh.accepts[i].armed {
             return;
         }
         let slot = &mut sh.accepts[i];
@@ -690,7 +675,9 @@ impl Driver {
         .file_index(Some(io_uring::types::DestinationSlot::auto_target()))
         .build()
         .user_data(user_data(op::ACCEPT, 0, i as u32));
-        sh.push(entry);
+        // SAFETY: the address slot is in `sh.accepts`, a boxed slice that lives as long as
+        // the shard and is not re-armed (`armed`) until this accept's completion.
+        unsafe { sh.push(entry) };
     }
 
     fn stop_accepting(&mut self) {
@@ -699,7 +686,8 @@ impl Driver {
                 let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(l.as_raw_fd())).all())
                     .build()
                     .user_data(user_data(op::CANCEL, 0, 0));
-                sh.push(cancel);
+                // SAFETY: a cancel SQE points at no memory.
+                unsafe { sh.push(cancel) };
                 // Submit the cancel before the listener closes; armed accepts hold their
                 // own reference to the socket until they complete.
                 let _ = sh.submit(0, Duration::ZERO);
@@ -720,7 +708,9 @@ impl Driver {
             .build()
             .user_data(user_data(op::RECV, conn.gen, c));
         let shard = conn.handle.shard as usize;
-        self.shards[shard].push(entry);
+        // SAFETY: a buffer-select recv points at no memory of ours: the kernel picks a
+        // provided buffer, which lives in the shard until the buf ring is unregistered.
+        unsafe { self.shards[shard].push(entry) };
     }
 
     fn arm_wake(&mut self) {
@@ -728,11 +718,13 @@ impl Driver {
             return;
         }
         self.wake_armed = true;
-        let buf: *mut u64 = &mut *self.wake_buf;
+        let buf: *mut u64 = &mut **self.wake_buf;
         let entry = opcode::Read::new(Fd(self.efd.as_raw_fd()), buf as *mut u8, 8)
             .build()
             .user_data(user_data(op::WAKE, 0, 0));
-        self.shards[0].push(entry);
+        // SAFETY: `wake_buf` is boxed (stable address), freed only after the worker's
+        // teardown saw this read complete, and not re-armed before (`wake_armed`).
+        unsafe { self.shards[0].push(entry) };
     }
 
     /// One `SENDMSG` per ready connection, carrying everything pending for it.
@@ -761,7 +753,10 @@ impl Driver {
             let Some(conn) = self.core.conn_mut(c) else {
                 continue;
             };
-            let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+            // No MSG_WAITALL: a short send completes with what the kernel took, so progress
+            // is bytes accepted by the socket, as on epoll, and a slow but steady reader is
+            // never mistaken for a stalled one.
+            let flags = libc::MSG_NOSIGNAL;
             let ud = user_data(op::SEND, conn.gen, c);
             // One frame (the usual case: an event or a keep-alive) needs no iovec block.
             let entry = match &sb {
@@ -775,8 +770,11 @@ impl Driver {
             conn.handle.ops += 1;
             conn.handle.send = sb;
             let shard = conn.handle.shard as usize;
-            self.core.counters.writes += 1;
-            self.shards[shard].push(entry.user_data(ud));
+            // SAFETY: the iovec block (if any) is boxed and held in `conn.handle.send` until
+            // this send's completion; the frames it (or the single SEND) points at are kept
+            // alive by the core, which moves the connection's cursor and drops its `pre`
+            // frames only in `handle_written`, after the completion.
+            unsafe { self.shards[shard].push(entry.user_data(ud)) };
         }
     }
 
@@ -803,12 +801,14 @@ impl Driver {
             let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
                 .build()
                 .user_data(user_data(op::CANCEL, gen, c));
-            self.shards[shard].push(cancel);
+            // SAFETY: a cancel SQE points at no memory.
+            unsafe { self.shards[shard].push(cancel) };
         }
         let close = opcode::Close::new(Fixed(slot))
             .build()
             .user_data(user_data(op::CLOSE, gen, c));
-        self.shards[shard].push(close);
+        // SAFETY: a close SQE points at no memory.
+        unsafe { self.shards[shard].push(close) };
     }
 
     /// Forget `c` once it is closed and nothing of it is in flight.
@@ -824,18 +824,18 @@ impl Driver {
         }
     }
 
-    /// Cancel everything still armed and wait (bounded) for the completions, so no
-    /// kernel access to our buffers can outlive them. If they do not all arrive, the
-    /// buffers are leaked rather than freed under the kernel.
-    fn finish(mut self) {
+    /// Cancel everything still armed and wait (bounded) for the completions. Returns
+    /// whether the kernel is done with every buffer of ours.
+    fn teardown(&mut self) -> bool {
         self.listener = None;
         for sh in self.shards.iter_mut() {
             let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
                 .build()
                 .user_data(user_data(op::CANCEL, 0, 0));
-            sh.push(cancel);
+            // SAFETY: a cancel SQE points at no memory.
+            unsafe { sh.push(cancel) };
         }
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + TEARDOWN_WAIT;
         while Instant::now() < deadline {
             for sh in self.shards.iter_mut().skip(1) {
                 let _ = sh.submit(0, Duration::ZERO);
@@ -856,17 +856,35 @@ impl Driver {
                     .iter()
                     .any(|sh| sh.notify_armed || sh.accepts.iter().any(|a| a.armed));
             if !armed && self.core.conn_count() == 0 {
-                for sh in &self.shards {
+                for sh in self.shards.iter() {
                     let _ = sh.ring.submitter().unregister_buf_ring(BGID);
                 }
-                return;
+                return true;
             }
         }
-        tracing::warn!(
-            worker = self.core.id,
-            "io_uring ops still in flight at exit; leaking their buffers"
-        );
-        std::mem::forget(self);
+        false
+    }
+}
+
+/// The worker's exit, whatever the path (return, error, panic): nothing the kernel may
+/// still touch is freed under it.
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.teardown() {
+            // SAFETY: `teardown` saw the final completion of every op and unregistered the
+            // buffer rings, so the kernel holds no pointer into these any more; each field
+            // is dropped exactly once, here, and never used after.
+            unsafe {
+                ManuallyDrop::drop(&mut self.shards);
+                ManuallyDrop::drop(&mut self.core);
+                ManuallyDrop::drop(&mut self.wake_buf);
+            }
+        } else {
+            tracing::warn!(
+                worker = self.core.id,
+                "io_uring ops still in flight at exit; leaking their buffers"
+            );
+        }
     }
 }
 
@@ -916,7 +934,7 @@ mod tests {
     fn an_idle_connection_record_is_small() {
         // The whole per-connection record, as the slab stores it; the budget for an idle
         // subscriber (record + wheel entry + subscriber slot) is 256 bytes.
-        let record = std::mem::size_of::<super::super::worker::Conn<UConn>>();
+        let record = std::mem::size_of::<crate::core::Conn<UConn>>();
         eprintln!("Conn<UConn>: {record} bytes");
         assert!(record <= 128, "Conn<UConn> is {record} bytes");
     }

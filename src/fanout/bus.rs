@@ -111,6 +111,8 @@ pub struct Attach {
     pub gap: Option<Frame>,
     /// Retained events after the client's id, in publish order.
     pub replay: Vec<Arc<Event>>,
+    /// The last `retry` an event of the requested topics carried (their highest).
+    pub last_retry: Option<u32>,
 }
 
 /// Counters the hub keeps (per event or per subscription, never per delivery).
@@ -142,12 +144,16 @@ enum Snapshot {
         id: String,
         age_ms: u64,
         sse: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry: Option<u32>,
     },
 }
 
 struct TopicState {
     history: History,
     closed: bool,
+    /// The last `retry` published on this topic.
+    last_retry: Option<u32>,
 }
 
 struct State {
@@ -242,13 +248,18 @@ impl Hub {
             topic: topic.clone(),
             id: id.clone(),
             frame,
+            retry: p.retry,
             at: now,
         });
         let t = st.topics.entry(topic).or_insert_with(|| TopicState {
             history: History::default(),
             closed: false,
+            last_retry: None,
         });
         t.closed = false;
+        if p.retry.is_some() {
+            t.last_retry = p.retry;
+        }
         t.history.push(ev.clone(), &self.limits, now);
         self.send_all(st, || BusMsg::Event(ev.clone()));
         self.stats.published.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +282,7 @@ impl Hub {
             .or_insert_with(|| TopicState {
                 history: History::default(),
                 closed: false,
+                last_retry: None,
             })
             .closed = true;
         self.send_all(st, || BusMsg::Close(name.clone()));
@@ -301,10 +313,10 @@ impl Hub {
     /// so the hand-over has no gap and no duplicate.
     pub fn attach(&self, topics: &[String], last_id: Option<&str>, upto: u64) -> Attach {
         let st = self.lock();
+        let known = || topics.iter().filter_map(|t| st.topics.get(t.as_str()));
         let mut out = Attach {
-            closed: topics
-                .iter()
-                .any(|t| st.topics.get(t.as_str()).is_some_and(|s| s.closed)),
+            closed: known().any(|s| s.closed),
+            last_retry: known().filter_map(|s| s.last_retry).max(),
             ..Attach::default()
         };
         let Some(last_id) = last_id else {
@@ -409,6 +421,7 @@ impl Hub {
                     age_ms: now.saturating_duration_since(e.at).as_millis() as u64,
                     // The body is SSE text built from UTF-8 strings.
                     sse: String::from_utf8_lossy(e.frame.body()).into_owned(),
+                    retry: e.retry,
                 };
                 serde_json::to_writer(&mut out, &ev)?;
                 out.write_all(b"\n")?;
@@ -468,6 +481,7 @@ impl Hub {
                     id,
                     age_ms,
                     sse,
+                    retry,
                 } => {
                     let Some(Loaded { name, events, .. }) = current.as_mut() else {
                         return Err(std::io::Error::other(
@@ -482,6 +496,7 @@ impl Hub {
                         topic: name.clone(),
                         id: id.into(),
                         frame: chunk(sse.as_bytes()),
+                        retry,
                         at,
                     }));
                     n += 1;
@@ -490,6 +505,7 @@ impl Hub {
         }
         topics.extend(current.take());
         for t in topics {
+            let last_retry = t.events.iter().rev().find_map(|e| e.retry);
             let mut history = History::restored(t.events, t.evicted_upto);
             history.evict(&self.limits, now);
             st.topics.insert(
@@ -497,6 +513,7 @@ impl Hub {
                 TopicState {
                     history,
                     closed: t.closed,
+                    last_retry,
                 },
             );
         }

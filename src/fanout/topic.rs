@@ -20,6 +20,8 @@ pub struct Event {
     pub id: Box<str>,
     /// SSE wire bytes with their chunk framing.
     pub frame: Frame,
+    /// The `retry:` the event carries, in ms.
+    pub retry: Option<u32>,
     /// When it was published (history age, latency).
     pub at: Instant,
 }
@@ -134,6 +136,7 @@ mod tests {
             seq,
             topic: "t".into(),
             frame: encode_event(None, &id, None, "0123456789"),
+            retry: None,
             id: id.into(),
             at,
         })

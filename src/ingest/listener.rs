@@ -110,10 +110,7 @@ impl IngestSockets {
 }
 
 /// Start the ingest thread.
-pub fn spawn(
-    hub: Arc<crate::engine::worker::Shared>,
-    sockets: IngestSockets,
-) -> io::Result<IngestHandle> {
+pub fn spawn(hub: Arc<crate::core::Shared>, sockets: IngestSockets) -> io::Result<IngestHandle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let stop = Arc::new(AtomicBool::new(false));

@@ -54,16 +54,26 @@ impl<H> Core<H> {
         self.process_input(c, None)
     }
 
-    /// Peer closed its side (or the read failed).
+    /// Peer closed its side (or the read failed). A client that sent its requests
+    /// and then shut down its side still gets every answer: the connection closes once
+    /// they are written. A subscriber that leaves is closed at once.
     pub fn handle_eof(&mut self, c: ConnId) {
-        if let Some(conn) = self.conns.get(c as usize) {
-            if conn.phase == Phase::Respond && conn.has(flag::WRITING) {
-                // Half-closed after sending its request: let the response finish.
-                if let Some(conn) = self.conns.get_mut(c as usize) {
-                    conn.flags &= !flag::KEEP_ALIVE;
-                }
-                return;
-            }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Respond => conn.flags |= flag::PEER_EOF,
+            Phase::Closing => {}
+            _ => self.close(c),
+        }
+    }
+
+    /// After a response: a peer that has shut down its side and has no complete request
+    /// left is done.
+    pub(super) fn close_if_peer_done(&mut self, c: ConnId) {
+        if self.conns.get(c as usize).is_some_and(|cn| {
+            cn.has(flag::PEER_EOF) && matches!(cn.phase, Phase::Head | Phase::Body)
+        }) {
             self.close(c);
         }
     }
@@ -156,10 +166,14 @@ impl<H> Core<H> {
 
     /// Act on a parsed request head. Returns false if the connection is done.
     pub(super) fn handle_request(&mut self, c: ConnId, req: Request) -> bool {
-        if self
-            .conns
-            .get(c as usize)
-            .is_some_and(|cn| cn.has(flag::REJECT))
+        // Over the connection limit: refuse, but keep health checks and scrapes working,
+        // which is when an operator needs them most.
+        let ops = matches!(req.route, Route::Health | Route::Metrics);
+        if !ops
+            && self
+                .conns
+                .get(c as usize)
+                .is_some_and(|cn| cn.has(flag::REJECT))
         {
             self.respond(c, response::unavailable(1), false);
             return false;
@@ -303,15 +317,6 @@ impl<H> Core<H> {
         self.mark_ready(c);
     }
 
-    pub(super) fn mark_ready(&mut self, c: ConnId) {
-        if let Some(conn) = self.conns.get_mut(c as usize) {
-            if conn.flags & (flag::READY | flag::WRITING) == 0 && conn.phase != Phase::Closing {
-                conn.flags |= flag::READY;
-                self.ready.push(c);
-            }
-        }
-    }
-
     // ---- subscribe ----------------------------------------------------------------
 
     pub(super) fn subscribe(&mut self, c: ConnId, req: Request) {
@@ -327,6 +332,7 @@ impl<H> Core<H> {
             .shared
             .hub
             .attach(&topics, last_event_id.as_deref(), self.seen_seq);
+        let last_retry = attach.last_retry;
         if attach.closed {
             return self.respond(c, response::no_content(&cors), false);
         }
@@ -335,7 +341,7 @@ impl<H> Core<H> {
         let subs: Vec<Sub> = topics
             .iter()
             .map(|name| {
-                let t = self.local_topic(name);
+                let t = self.local_topic(name, last_retry);
                 Sub {
                     topic: t,
                     pos: 0,
@@ -386,7 +392,8 @@ impl<H> Core<H> {
         self.mark_ready(c);
     }
 
-    pub(super) fn local_topic(&mut self, name: &str) -> u32 {
+    /// The worker's topic `name`, created with the hub's last `retry` for it if new.
+    pub(super) fn local_topic(&mut self, name: &str, last_retry: Option<u32>) -> u32 {
         if let Some(&t) = self.topic_ids.get(name) {
             return t;
         }
@@ -397,6 +404,7 @@ impl<H> Core<H> {
             log: VecDeque::new(),
             base: 0,
             base_bytes: 0,
+            last_retry,
         }) as u32;
         self.topic_ids.insert(name, t);
         t

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use slab::Slab;
 
-use super::{flag, frame_of, ConnId, Core, Phase, Sub};
+use super::{flag, frame_of, ConnId, Core, Phase, Sub, Subs};
 use crate::fanout::bus::BusMsg;
 use crate::fanout::topic::Event;
 
@@ -34,6 +34,8 @@ pub(super) struct LocalTopic {
     pub(super) base: u64,
     /// Cumulative bytes before `log[0]`.
     pub(super) base_bytes: u64,
+    /// The last `retry` an event of this topic carried (the drain hint never goes below).
+    pub(super) last_retry: Option<u32>,
 }
 
 impl LocalTopic {
@@ -100,8 +102,12 @@ impl<H> Core<H> {
         let max_backlog = self.shared.config.max_backlog as u64;
         let topic = &mut self.topics[t as usize];
         self.counters.fanout_backlog_bytes += ev.wire_len() as u64;
+        if ev.retry.is_some() {
+            topic.last_retry = ev.retry;
+        }
         let end = topic.end_bytes() + ev.wire_len() as u64;
         topic.log.push_back(LogEntry { ev, end });
+        let topic = &self.topics[t as usize];
         let mut min_cursor = topic.end();
         for sref in &topic.subs {
             let Some(conn) = self.conns.get_mut(sref.conn as usize) else {
@@ -112,13 +118,16 @@ impl<H> Core<H> {
             if conn.phase == Phase::Closing {
                 continue;
             }
-            if end - topic.bytes_before(sub.cursor) > max_backlog {
+            // The backlog is per connection: a multi-topic subscriber's topics add up.
+            let backlog = match &conn.subs {
+                Subs::Many(subs) => subs.iter().map(|s| backlog_of(&self.topics, s)).sum(),
+                _ => end - topic.bytes_before(sub.cursor),
+            };
+            if backlog > max_backlog {
                 // Too slow: it resumes with Last-Event-ID after reconnecting.
-                if conn.phase != Phase::Closing {
-                    conn.phase = Phase::Closing;
-                    self.closing.push(sref.conn);
-                    self.counters.slow_consumer_disconnects += 1;
-                }
+                conn.phase = Phase::Closing;
+                self.closing.push(sref.conn);
+                self.counters.slow_consumer_disconnects += 1;
                 continue;
             }
             if conn.flags & (flag::READY | flag::WRITING) == 0 {
@@ -126,6 +135,7 @@ impl<H> Core<H> {
                 self.ready.push(sref.conn);
             }
         }
+        let topic = &mut self.topics[t as usize];
         let before = topic.base_bytes;
         topic.trim(min_cursor);
         self.counters.fanout_backlog_bytes -= topic.base_bytes - before;
@@ -142,9 +152,15 @@ impl<H> Core<H> {
             .collect();
         for c in conns {
             self.counters.topics_closed_streams += 1;
-            self.start_drain(c, None, 0);
+            self.start_drain(c, false, 0);
         }
     }
+}
+
+/// Bytes between a subscription's cursor and its topic's log end.
+fn backlog_of(topics: &Slab<LocalTopic>, s: &Sub) -> u64 {
+    let t = &topics[s.topic as usize];
+    t.end_bytes() - t.bytes_before(s.cursor)
 }
 
 /// Visit the live frames pending for a set of subscriptions in publish (`seq`) order,

@@ -1,0 +1,213 @@
+//! The write path of a worker's connections: which connections need a write, what goes
+//! into it (every pending frame, up to the caps, as slices of the shared event bytes), and
+//! how a completed or partial write moves the connection on. At most one write per
+//! connection is in flight; `off` is the only state a partial write leaves behind.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use super::fanout::{consume_live, walk_live};
+use super::{flag, frame_of, ConnId, Core, Phase};
+
+/// Most frames in one write (`sendmsg`/`writev` iovecs).
+pub const MAX_IOVECS: usize = 64;
+/// Most bytes in one write.
+const MAX_WRITE_BYTES: usize = 256 << 10;
+
+impl<H> Core<H> {
+    /// Connections that need a write, in the order they became ready.
+    pub fn take_ready(&mut self, out: &mut Vec<ConnId>) {
+        out.clear();
+        std::mem::swap(out, &mut self.ready);
+    }
+
+    /// Something is queued for the backend (writes or closes): do not block.
+    pub fn has_work(&self) -> bool {
+        !self.ready.is_empty() || !self.closing.is_empty()
+    }
+
+    pub(super) fn mark_ready(&mut self, c: ConnId) {
+        if let Some(conn) = self.conns.get_mut(c as usize) {
+            if conn.flags & (flag::READY | flag::WRITING) == 0 && conn.phase != Phase::Closing {
+                conn.flags |= flag::READY;
+                self.ready.push(c);
+            }
+        }
+    }
+
+    /// Start a write on `c` if it has anything pending and none in flight. Returns false
+    /// when there is nothing to write (the connection may then move on or close).
+    pub fn begin_write(&mut self, c: ConnId) -> bool {
+        let now = self.now_tick;
+        let stall = self.ticks(self.shared.config.write_timeout);
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return false;
+        };
+        conn.flags &= !flag::READY;
+        if conn.phase == Phase::Closing || conn.has(flag::WRITING) {
+            return false;
+        }
+        if !self.has_pending(c) {
+            self.after_idle(c);
+            return false;
+        }
+        let conn = &mut self.conns[c as usize];
+        conn.flags |= flag::WRITING;
+        conn.progress = now as u32;
+        let stream = conn.phase == Phase::Stream
+            || (conn.phase == Phase::Drain && conn.has(flag::DRAIN_DUE));
+        if stream && self.wheel.deadline(c).is_none_or(|d| d > now + stall) {
+            // The stall check must not wait for a later keep-alive timer.
+            self.wheel.insert(c, now + stall);
+        }
+        self.counters.writes += 1;
+        true
+    }
+
+    /// Fill `iov` with the frames pending for `c`, up to the per-write caps, after
+    /// [`Core::begin_write`]. Returns (slices used, bytes).
+    pub fn fill<'a>(&'a self, c: ConnId, iov: &mut [IoSlice<'a>; MAX_IOVECS]) -> (usize, usize) {
+        let Some(conn) = self.conns.get(c as usize) else {
+            return (0, 0);
+        };
+        let mut n = 0usize;
+        let mut total = 0usize;
+        let mut skip = conn.off as usize;
+        let mut push = |s: &'a [u8]| -> bool {
+            let s = &s[skip.min(s.len())..];
+            skip = 0;
+            iov[n] = IoSlice::new(s);
+            n += 1;
+            total += s.len();
+            n < MAX_IOVECS && total < MAX_WRITE_BYTES
+        };
+        let mut room = true;
+        for f in &conn.pre {
+            room = push(f);
+            if !room {
+                break;
+            }
+        }
+        if room {
+            let http10 = conn.has(flag::HTTP10);
+            walk_live(conn.subs.as_slice(), &self.topics, |_, ev| {
+                push(frame_of(ev, http10))
+            });
+        }
+        (n, total)
+    }
+
+    /// The socket of `c` has room again after a write would have blocked (epoll).
+    pub fn handle_writable(&mut self, c: ConnId) {
+        if let Some(conn) = self.conns.get_mut(c as usize) {
+            if conn.has(flag::WRITING) {
+                conn.flags &= !flag::WRITING;
+                self.after_write(c);
+            }
+        }
+    }
+
+    /// Whether anything is pending for `c`, cheaply (no walk over the frames).
+    pub(super) fn has_pending(&self, c: ConnId) -> bool {
+        self.conns.get(c as usize).is_some_and(|conn| {
+            !conn.pre.is_empty()
+                || conn
+                    .subs
+                    .as_slice()
+                    .iter()
+                    .any(|s| s.cursor < self.topics[s.topic as usize].end())
+        })
+    }
+
+    /// `n` bytes of the write started by `begin_write` reached the socket. `done` says
+    /// the write operation is over (uring: its completion; epoll: the `writev` call).
+    pub fn handle_written(&mut self, c: ConnId, n: usize, done: bool) {
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        if done {
+            conn.flags &= !flag::WRITING;
+        }
+        if n > 0 {
+            self.consume(c, n);
+        }
+        if done {
+            self.after_write(c);
+        }
+    }
+
+    /// Advance `c` past `n` written bytes: pre frames first, then live frames, in the
+    /// order `fill` produced them.
+    fn consume(&mut self, c: ConnId, n: usize) {
+        let now = self.now_tick as u32;
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        conn.progress = now;
+        self.counters.bytes_written += n as u64;
+        let mut left = n + conn.off as usize;
+        conn.off = 0;
+        while let Some(f) = conn.pre.front() {
+            if left < f.len() {
+                conn.off = left as u32;
+                left = 0;
+                break;
+            }
+            left -= f.len();
+            conn.pre.pop_front();
+        }
+        if conn.pre.is_empty() && conn.pre.capacity() > 0 {
+            // An idle subscriber keeps no buffer: give the deque's allocation back.
+            conn.pre = VecDeque::new();
+        }
+        if left > 0 {
+            let http10 = conn.has(flag::HTTP10);
+            let (delivered, off) =
+                consume_live(conn.subs.as_mut_slice(), &self.topics, left, http10);
+            conn.off = off;
+            self.counters.events_delivered += delivered;
+        }
+    }
+
+    /// A write operation finished: start the next one, or move on.
+    fn after_write(&mut self, c: ConnId) {
+        if self.has_pending(c) {
+            self.mark_ready(c);
+        } else {
+            self.after_idle(c);
+        }
+    }
+
+    /// Nothing left to write for `c`: a response is done (next request, or close), a
+    /// draining stream whose turn has come gets its trailer, a trailer written closes.
+    pub(super) fn after_idle(&mut self, c: ConnId) {
+        let head_ticks = self.ticks(self.shared.config.head_timeout);
+        let draining = self.is_draining();
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Respond if conn.has(flag::KEEP_ALIVE) && !draining => {
+                conn.phase = Phase::Head;
+                conn.flags &= !flag::KEEP_ALIVE;
+                self.wheel.insert(c, self.now_tick + head_ticks);
+                if conn.rbuf.as_ref().is_some_and(|rb| !rb.buf.is_empty()) {
+                    self.process_input(c, None);
+                }
+                self.close_if_peer_done(c);
+            }
+            Phase::Respond => self.close(c),
+            Phase::Drain if conn.has(flag::FINAL) => self.close(c),
+            Phase::Drain if conn.has(flag::DRAIN_DUE) => self.finish_drain(c),
+            _ => {}
+        }
+    }
+
+    /// A write failed (peer gone): close.
+    pub fn handle_write_error(&mut self, c: ConnId) {
+        if let Some(conn) = self.conns.get_mut(c as usize) {
+            conn.flags &= !flag::WRITING;
+        }
+        self.close(c);
+    }
+}
