@@ -86,6 +86,14 @@ fn http_publish_returns_the_id_and_reaches_subscribers() {
     // Bad id over HTTP: 400, and nothing is published.
     let r = http_publish(s.addr, "h?id=a%0Ab", "x");
     assert_eq!(r.status, 400, "{}", r.text());
+    // The next event the subscriber gets is the one after the refusal.
+    assert_eq!(http_publish(s.addr, "h", "after").status, 200);
+    let evs = c.wait_events(3);
+    assert_eq!(
+        evs[2].data, "after",
+        "the refused event never arrived: {evs:?}"
+    );
+    assert_eq!(metric(s.addr, "herald_events_ingested_total"), 3);
     s.stop();
 }
 

@@ -2,8 +2,9 @@
 //! into a ring's fixed-file table (direct descriptors, so a process can hold more
 //! connections than its fd limit), read with one multishot `RECV` each from a provided-buffer
 //! ring (an idle subscriber holds no read buffer, and the recv's EOF tells us the peer
-//! left), and written with at most one `SENDMSG` in flight per connection, carrying every
-//! pending frame. SQEs are submitted in batches, once per loop turn.
+//! left), and written with at most one send in flight per connection (`SEND` for one frame,
+//! `SENDMSG` for several) carrying every pending frame. SQEs are submitted in batches, once
+//! per loop turn.
 //!
 //! A fixed-file table is capped by the open-files limit, so a worker owns one or more
 //! *shards* (a ring, its table, its provided buffers) and opens another when the current
@@ -727,7 +728,7 @@ impl Driver {
         unsafe { self.shards[0].push(entry) };
     }
 
-    /// One `SENDMSG` per ready connection, carrying everything pending for it.
+    /// One send per ready connection, carrying everything pending for it.
     fn flush_writes(&mut self, ready: &mut Vec<ConnId>) {
         self.core.take_ready(ready);
         for &c in ready.iter() {

@@ -13,7 +13,8 @@ use herald::{BackendChoice, Config};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The backend under test, or None (with the reason printed) if it cannot run here.
+/// The backend under test, or None (with the reason printed) if it cannot run here. With
+/// `HERALD_REQUIRE_URING=1` (CI sets it) a missing io_uring fails the test instead.
 pub fn backend() -> Option<BackendChoice> {
     let b = match std::env::var("HERALD_TEST_BACKEND").as_deref() {
         Ok("uring") => BackendChoice::Uring,
@@ -22,6 +23,9 @@ pub fn backend() -> Option<BackendChoice> {
     };
     if b == BackendChoice::Uring {
         if let Err(why) = herald::engine::probe::check() {
+            if std::env::var("HERALD_REQUIRE_URING").as_deref() == Ok("1") {
+                panic!("io_uring is required here (HERALD_REQUIRE_URING=1) but unavailable: {why}");
+            }
             eprintln!("SKIPPED: io_uring backend unavailable here: {why}");
             return None;
         }
@@ -560,8 +564,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A `herald serve` child process, killed if the test ends (or panics) while it runs.
+pub struct Spawned(pub std::process::Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Start the real `herald serve` binary on free ports with the backend under test.
-pub fn spawn(args: &[&str]) -> Option<(std::process::Child, SocketAddr)> {
+pub fn spawn(args: &[&str]) -> Option<(Spawned, SocketAddr)> {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let ingest: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     spawn_at(listen, ingest, args)
@@ -572,7 +601,7 @@ pub fn spawn_at(
     listen: SocketAddr,
     ingest: SocketAddr,
     args: &[&str],
-) -> Option<(std::process::Child, SocketAddr)> {
+) -> Option<(Spawned, SocketAddr)> {
     let backend = match backend()? {
         BackendChoice::Uring => "uring",
         BackendChoice::Epoll => "epoll",
@@ -586,12 +615,18 @@ pub fn spawn_at(
             "--ingest",
             &ingest.to_string(),
         ])
-        .args(["--backend", backend, "--workers", "2"])
+        .args(["--backend", backend])
+        .args(if args.contains(&"--workers") {
+            &[][..]
+        } else {
+            &["--workers", "2"][..]
+        })
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn herald");
+    let child = Spawned(child);
     wait_for("herald to listen", || {
         TcpStream::connect(listen).is_ok() && TcpStream::connect(ingest).is_ok()
     });
