@@ -370,9 +370,7 @@ impl<H> Core<H> {
         if let Some(gap) = &attach.gap {
             conn.pre.push_back(piece(gap));
         }
-        for ev in &attach.replay {
-            conn.pre.push_back(piece(&ev.frame));
-        }
+        conn.replay = attach.replay.map(Box::new);
         conn.subs = if subs.len() == 1 {
             Subs::One(subs[0])
         } else {
@@ -390,6 +388,45 @@ impl<H> Core<H> {
         self.counters.streams_open += 1;
         self.wheel.insert(c, self.now_tick + ka);
         self.mark_ready(c);
+    }
+
+    /// Queue the next batch of `c`'s replay once its `pre` frames are all written: the
+    /// replay is fed as the client takes it, so it counts against nothing unbounded and
+    /// never holds the hub lock for more than a batch. Live frames wait behind it.
+    pub(super) fn feed_replay(&mut self, c: ConnId) {
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        if !conn.pre.is_empty() {
+            return;
+        }
+        let Some(cur) = conn.replay.as_mut() else {
+            return;
+        };
+        let names: Vec<&str> = conn
+            .subs
+            .as_slice()
+            .iter()
+            .map(|s| &*self.topics[s.topic as usize].name)
+            .collect();
+        let batch = self.shared.hub.replay_batch(&names, cur);
+        let http10 = conn.has(flag::HTTP10);
+        let piece = |f: &crate::sse::encode::Frame| {
+            if http10 {
+                f.body_bytes()
+            } else {
+                f.bytes.clone()
+            }
+        };
+        if let Some(gap) = &batch.gap {
+            conn.pre.push_back(piece(gap));
+        }
+        for ev in &batch.events {
+            conn.pre.push_back(piece(&ev.frame));
+        }
+        if batch.done {
+            conn.replay = None;
+        }
     }
 
     /// The worker's topic `name`, created with the hub's last `retry` for it if new.

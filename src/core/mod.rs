@@ -27,7 +27,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::config::Config;
-use crate::fanout::bus::Hub;
+use crate::fanout::bus::{Hub, ReplayCursor};
 use crate::fanout::topic::Event;
 use crate::http::request::{Limits, Request};
 use crate::http::response::Cors;
@@ -201,6 +201,9 @@ pub struct Conn<H> {
     /// comment).
     pre: VecDeque<Bytes>,
     rbuf: Option<Box<ReadBuf>>,
+    /// A resume still being replayed: batches go into `pre` as it drains, and live frames
+    /// wait until it is done.
+    replay: Option<Box<ReplayCursor>>,
 }
 
 impl<H> Conn<H> {
@@ -383,6 +386,7 @@ impl<H> Core<H> {
             subs: Subs::None,
             pre: VecDeque::new(),
             rbuf: None,
+            replay: None,
         }) as ConnId;
         self.wheel.ensure_capacity(self.conns.capacity() as u32);
         self.counters.connections_accepted += 1;

@@ -348,3 +348,50 @@ proptest! {
         prop_assert_eq!(event_data(&s.body), reference);
     }
 }
+
+#[test]
+fn a_resume_is_fed_as_the_client_reads_then_live_events_follow() {
+    let mut h = Harness::new(|c| {
+        c.history_events = 5000;
+        c.max_backlog = 1 << 20;
+    });
+    // Something must be subscribed for the worker to have seen the events.
+    let _other = subscriber(&mut h, "/events/t");
+    let first = h.publish("t", &payload(0, 1000), None);
+    let mut want = Vec::new();
+    for i in 1..2000 {
+        let d = payload(i, 1000);
+        h.publish("t", &d, None);
+        want.push(d);
+    }
+    h.settle();
+    let c = h.connect();
+    h.send(
+        c,
+        format!(
+            "GET /events/t HTTP/1.1\r\nLast-Event-ID: {}\r\n\r\n",
+            first.id
+        )
+        .as_bytes(),
+    );
+    h.turn();
+    // 2 MB retained, but the client holds one batch at a time.
+    let held: usize = h.core.conn(c).unwrap().pre.iter().map(|b| b.len()).sum();
+    assert!(held <= 80 << 10, "{held} bytes queued at once");
+    for i in 2000..2010 {
+        let d = payload(i, 1000);
+        h.publish("t", &d, None);
+        want.push(d);
+        h.turn();
+        if h.inflight_len(c) > 0 {
+            h.complete(c, 3000);
+        }
+    }
+    h.settle();
+    let s = parse_chunked_stream(h.output(c)).unwrap();
+    assert_eq!(
+        event_data(&s.body),
+        want,
+        "replay, then live, no gap, no duplicate"
+    );
+}

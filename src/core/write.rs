@@ -47,6 +47,7 @@ impl<H> Core<H> {
         if conn.phase == Phase::Closing || conn.has(flag::WRITING) {
             return false;
         }
+        self.feed_replay(c);
         if !self.has_pending(c) {
             self.after_idle(c);
             return false;
@@ -88,7 +89,7 @@ impl<H> Core<H> {
                 break;
             }
         }
-        if room {
+        if room && conn.replay.is_none() {
             let http10 = conn.has(flag::HTTP10);
             walk_live(conn.subs.as_slice(), &self.topics, |_, ev| {
                 push(frame_of(ev, http10))
@@ -111,6 +112,7 @@ impl<H> Core<H> {
     pub(super) fn has_pending(&self, c: ConnId) -> bool {
         self.conns.get(c as usize).is_some_and(|conn| {
             !conn.pre.is_empty()
+                || conn.replay.is_some()
                 || conn
                     .subs
                     .as_slice()

@@ -102,6 +102,12 @@ pub enum PublishFailure {
     Busy,
 }
 
+/// Events a replay hands a worker per [`Hub::replay_batch`], at most (bytes, then count):
+/// a resumer holds at most one batch besides its live backlog, and the hub lock is held
+/// for one batch's work, never for the whole history.
+pub const REPLAY_BATCH_BYTES: usize = 64 << 10;
+pub const REPLAY_BATCH_EVENTS: usize = 256;
+
 /// What a new subscription starts with.
 #[derive(Debug, Default)]
 pub struct Attach {
@@ -109,10 +115,29 @@ pub struct Attach {
     pub closed: bool,
     /// `event: herald-gap` frame to send before the replay.
     pub gap: Option<Frame>,
-    /// Retained events after the client's id, in publish order.
-    pub replay: Vec<Arc<Event>>,
+    /// Where the replay of retained events starts and ends; fetched batch by batch.
+    pub replay: Option<ReplayCursor>,
     /// The last `retry` an event of the requested topics carried (their highest).
     pub last_retry: Option<u32>,
+}
+
+/// A replay in progress: everything retained with `after < seq <= upto` is still to come.
+#[derive(Debug)]
+pub struct ReplayCursor {
+    pub after: u64,
+    pub upto: u64,
+    /// The id of the last event the client has been given (for a gap signal).
+    pub last_id: Box<str>,
+}
+
+/// One batch of a replay.
+#[derive(Debug, Default)]
+pub struct ReplayBatch {
+    /// Events that were evicted while the replay ran: the client is told before the rest.
+    pub gap: Option<Frame>,
+    pub events: Vec<Arc<Event>>,
+    /// Nothing is left to replay.
+    pub done: bool,
 }
 
 /// Counters the hub keeps (per event or per subscription, never per delivery).
@@ -159,6 +184,22 @@ struct TopicState {
 struct State {
     topics: HashMap<Arc<str>, TopicState>,
     last_seq: u64,
+    /// The highest `evicted_upto` of the topics the janitor forgot: a topic with no state
+    /// may have lost anything up to it.
+    forgotten_upto: u64,
+    /// Retained events and bytes over all topics, kept as they change (so /metrics does
+    /// not walk the topics under the lock).
+    events: usize,
+    bytes: usize,
+}
+
+impl State {
+    /// How far `topic` may have lost events (nothing after it was evicted).
+    fn evicted_upto(&self, topic: &str) -> u64 {
+        self.topics
+            .get(topic)
+            .map_or(self.forgotten_upto, |t| t.history.evicted_upto())
+    }
 }
 
 pub struct Hub {
@@ -179,6 +220,14 @@ fn intern(st: &State, topic: &str) -> Arc<str> {
     }
 }
 
+/// `event: herald-gap` naming the id the client asked for and the oldest one retained.
+fn gap_frame(requested: &str, oldest: Option<&str>) -> Frame {
+    let data = serde_json::json!({ "requested": requested, "oldest": oldest }).to_string();
+    // No `id:` line: an empty one would reset the client's lastEventId. serde_json
+    // output has no raw newline, so it is one `data:` line.
+    chunk(format!("event: herald-gap\ndata: {data}\n\n").as_bytes())
+}
+
 /// Microseconds since the Unix epoch: the base of herald's ids.
 fn wall_micros() -> u64 {
     SystemTime::now()
@@ -192,6 +241,9 @@ impl Hub {
             state: Mutex::new(State {
                 topics: HashMap::new(),
                 last_seq: 0,
+                forgotten_upto: 0,
+                events: 0,
+                bytes: 0,
             }),
             inboxes: (0..workers).map(|_| Inbox::new()).collect(),
             limits,
@@ -260,7 +312,11 @@ impl Hub {
         if p.retry.is_some() {
             t.last_retry = p.retry;
         }
+        let (n0, b0) = (t.history.len(), t.history.bytes());
         t.history.push(ev.clone(), &self.limits, now);
+        let (n1, b1) = (t.history.len(), t.history.bytes());
+        st.events = st.events + n1 - n0;
+        st.bytes = st.bytes + b1 - b0;
         self.send_all(st, || BusMsg::Event(ev.clone()));
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         Ok(Published { id, seq })
@@ -310,7 +366,13 @@ impl Hub {
 
     /// Start a subscription on a worker that has consumed every event up to `upto`:
     /// the replay covers `(client's id, upto]` and live delivery continues after `upto`,
-    /// so the hand-over has no gap and no duplicate.
+    /// so the hand-over has no gap and no duplicate. The events themselves come in
+    /// batches from [`Hub::replay_batch`], as the client takes them.
+    ///
+    /// The client's id resumes without a gap only if it is one herald retains for a
+    /// requested topic, or a number it can prove is a position within the retained range:
+    /// at or after this run's start, not past the newest sequence, and with nothing after
+    /// it evicted from any requested topic.
     pub fn attach(&self, topics: &[String], last_id: Option<&str>, upto: u64) -> Attach {
         let st = self.lock();
         let known = || topics.iter().filter_map(|t| st.topics.get(t.as_str()));
@@ -325,50 +387,100 @@ impl Hub {
         if out.closed {
             return out;
         }
-        let found = topics
-            .iter()
-            .filter_map(|t| st.topics.get(t.as_str()))
-            .find_map(|t| t.history.find_id(last_id));
-        let (after, known) = match found {
+        let found = known().find_map(|t| t.history.find_id(last_id));
+        let (after, known_id) = match found {
             Some(seq) => (seq, true),
             None => match last_id.parse::<u64>() {
-                // One of our own ids (or a publisher's numeric one) that is not retained.
-                Ok(seq) => (seq, seq >= self.start_seq.load(Ordering::Relaxed)),
+                Ok(seq) => {
+                    let start = self.start_seq.load(Ordering::Relaxed);
+                    (seq, seq >= start && seq <= st.last_seq)
+                }
                 Err(_) => (0, false),
             },
         };
-        let mut gap = !known;
-        let mut oldest: Option<&Arc<Event>> = None;
-        for t in topics.iter().filter_map(|t| st.topics.get(t.as_str())) {
-            if t.history.evicted_upto() > after {
-                gap = true;
-            }
-            if let Some(o) = t.history.oldest() {
-                if oldest.is_none_or(|cur| o.seq < cur.seq) {
-                    oldest = Some(o);
-                }
-            }
-            out.replay.extend(t.history.range(after, upto).cloned());
-        }
-        if topics.len() > 1 {
-            out.replay.sort_unstable_by_key(|e| e.seq);
-        }
-        if gap {
-            let data = serde_json::json!({
-                "requested": last_id,
-                "oldest": oldest.map(|e| &*e.id),
-            })
-            .to_string();
-            // No `id:` line: an empty one would reset the client's lastEventId.
-            // serde_json output has no raw newline, so it is one `data:` line.
-            let body = format!("event: herald-gap\ndata: {data}\n\n");
-            out.gap = Some(chunk(body.as_bytes()));
+        let lost = topics.iter().any(|t| st.evicted_upto(t) > after);
+        if !known_id || lost {
+            let oldest = known()
+                .filter_map(|t| t.history.oldest())
+                .min_by_key(|e| e.seq);
+            out.gap = Some(gap_frame(last_id, oldest.map(|e| &*e.id)));
             self.stats.gaps.fetch_add(1, Ordering::Relaxed);
         }
+        // An unknown id replays everything retained, a known one what came after it; the
+        // cursor starts past what is already lost, so only later evictions are news.
+        let lost_upto = topics.iter().map(|t| st.evicted_upto(t)).max().unwrap_or(0);
+        let after = if known_id { after } else { 0 }.max(lost_upto);
+        out.replay = Some(ReplayCursor {
+            after,
+            upto,
+            last_id: last_id.into(),
+        });
         self.stats.replays.fetch_add(1, Ordering::Relaxed);
+        out
+    }
+
+    /// The next batch of a replay over `topics`, merged in publish order, advancing
+    /// `cur`. The lock is held for one batch: a binary search per topic, then the batch.
+    pub fn replay_batch(&self, topics: &[&str], cur: &mut ReplayCursor) -> ReplayBatch {
+        let st = self.lock();
+        let mut out = ReplayBatch::default();
+        let hist: Vec<&History> = topics
+            .iter()
+            .filter_map(|t| st.topics.get(*t).map(|s| &s.history))
+            .collect();
+        if topics.iter().any(|t| st.evicted_upto(t) > cur.after) {
+            // Evicted while the client was still being replayed to.
+            let oldest = hist.iter().filter_map(|h| h.oldest()).min_by_key(|e| e.seq);
+            out.gap = Some(gap_frame(&cur.last_id, oldest.map(|e| &*e.id)));
+            self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut iters: Vec<_> = hist
+            .iter()
+            .map(|h| h.range(cur.after, cur.upto).peekable())
+            .collect();
+        let mut bytes = 0;
+        while bytes < REPLAY_BATCH_BYTES && out.events.len() < REPLAY_BATCH_EVENTS {
+            let next = iters
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(k, it)| it.peek().map(|e| (e.seq, k)))
+                .min();
+            let Some((_, k)) = next else {
+                out.done = true;
+                break;
+            };
+            let ev = iters[k].next().expect("peeked").clone();
+            bytes += ev.wire_len();
+            out.events.push(ev);
+        }
+        if !out.done && iters.iter_mut().all(|it| it.peek().is_none()) {
+            out.done = true;
+        }
+        if let Some(last) = out.events.last() {
+            cur.after = last.seq;
+            cur.last_id = last.id.clone();
+        }
         self.stats
             .replayed_events
-            .fetch_add(out.replay.len() as u64, Ordering::Relaxed);
+            .fetch_add(out.events.len() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Every batch of `at`'s replay (tests).
+    #[cfg(test)]
+    pub fn replay_all(&self, topics: &[String], at: &mut Attach) -> Vec<Arc<Event>> {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let mut out = Vec::new();
+        if let Some(cur) = at.replay.as_mut() {
+            loop {
+                let b = self.replay_batch(&names, cur);
+                assert!(b.events.len() <= REPLAY_BATCH_EVENTS);
+                out.extend(b.events);
+                if b.done {
+                    break;
+                }
+            }
+        }
         out
     }
 
@@ -376,20 +488,25 @@ impl Hub {
     pub fn janitor(&self) {
         let now = Instant::now();
         let mut st = self.lock();
+        let st = &mut *st;
+        let (mut events, mut bytes, mut forgotten) = (0, 0, st.forgotten_upto);
         st.topics.retain(|_, t| {
             t.history.evict(&self.limits, now);
-            t.closed || !t.history.is_empty()
+            events += t.history.len();
+            bytes += t.history.bytes();
+            let keep = t.closed || !t.history.is_empty();
+            if !keep {
+                forgotten = forgotten.max(t.history.evicted_upto());
+            }
+            keep
         });
+        (st.events, st.bytes, st.forgotten_upto) = (events, bytes, forgotten);
     }
 
-    /// (topics, retained events, retained bytes) for /metrics.
+    /// (topics, retained events, retained bytes) for /metrics, in O(1) under the lock.
     pub fn history_size(&self) -> (usize, usize, usize) {
         let st = self.lock();
-        st.topics
-            .values()
-            .fold((st.topics.len(), 0, 0), |(n, e, b), t| {
-                (n, e + t.history.len(), b + t.history.bytes())
-            })
+        (st.topics.len(), st.events, st.bytes)
     }
 
     /// Write every retained event to `path` (through a temporary file and a rename), so
@@ -508,6 +625,8 @@ impl Hub {
             let last_retry = t.events.iter().rev().find_map(|e| e.retry);
             let mut history = History::restored(t.events, t.evicted_upto);
             history.evict(&self.limits, now);
+            st.events += history.len();
+            st.bytes += history.bytes();
             st.topics.insert(
                 t.name,
                 TopicState {
@@ -581,15 +700,14 @@ mod tests {
         let a = publish(&h, "a", Some("p1"));
         let b = publish(&h, "b", None);
         let c = publish(&h, "a", None);
-        let at = h.attach(&["a".into(), "b".into()], Some("p1"), c.seq);
+        let ab: Vec<String> = vec!["a".into(), "b".into()];
+        let mut at = h.attach(&ab, Some("p1"), c.seq);
         assert!(at.gap.is_none());
-        assert_eq!(
-            at.replay.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [b.seq, c.seq]
-        );
+        let seqs = |v: Vec<Arc<Event>>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(h.replay_all(&ab, &mut at)), [b.seq, c.seq]);
         // The worker has only seen up to b: c will reach it live, so it is not replayed.
-        let at = h.attach(&["a".into(), "b".into()], Some(&a.id), b.seq);
-        assert_eq!(at.replay.iter().map(|e| e.seq).collect::<Vec<_>>(), [b.seq]);
+        let mut at = h.attach(&ab, Some(&a.id), b.seq);
+        assert_eq!(seqs(h.replay_all(&ab, &mut at)), [b.seq]);
     }
 
     #[test]
@@ -600,14 +718,88 @@ mod tests {
             publish(&h, "a", None);
         }
         for id in ["nope", "0", &*first.id] {
-            let at = h.attach(&["a".into()], Some(id), u64::MAX);
-            let gap = at.gap.expect("gap signalled");
+            let mut at = h.attach(&["a".into()], Some(id), u64::MAX);
+            let gap = at.gap.take().expect("gap signalled");
             let body = std::str::from_utf8(gap.body()).unwrap();
             assert!(body.starts_with("event: herald-gap\n"), "{body}");
             assert!(body.contains(&format!("\"requested\":\"{id}\"")), "{body}");
-            assert_eq!(at.replay.len(), 3);
+            assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 3);
         }
         assert_eq!(h.stats.gaps.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_number_herald_never_assigned_is_not_a_position() {
+        let h = hub();
+        let last = publish(&h, "a", None);
+        let big = (last.seq * 10).to_string();
+        for id in ["18446744073709551615", "9999999999999999999", &big] {
+            let mut at = h.attach(&["a".into()], Some(id), u64::MAX);
+            assert!(at.gap.is_some(), "{id} resumed silently");
+            assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 1, "{id}");
+        }
+        // A publisher's numeric id that was evicted: a gap, then what is retained.
+        let h = hub();
+        publish(&h, "a", Some("4000000000000000000"));
+        for _ in 0..3 {
+            publish(&h, "a", None);
+        }
+        let mut at = h.attach(&["a".into()], Some("4000000000000000000"), u64::MAX);
+        assert!(at.gap.is_some());
+        assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 3);
+        // Its own id, still retained, resumes silently, found without a scan.
+        let own = publish(&h, "a", None);
+        publish(&h, "a", None);
+        let mut at = h.attach(&["a".into()], Some(&own.id), u64::MAX);
+        assert!(at.gap.is_none());
+        assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 1);
+    }
+
+    #[test]
+    fn a_topic_the_janitor_forgot_still_reports_what_it_lost() {
+        let h = Hub::new(
+            1,
+            Limits {
+                max_events: 10,
+                max_bytes: 1 << 20,
+                max_age: Duration::ZERO,
+            },
+        );
+        let first = publish(&h, "a", None);
+        publish(&h, "a", None);
+        std::thread::sleep(Duration::from_millis(2));
+        h.janitor();
+        assert_eq!(h.history_size(), (0, 0, 0));
+        let at = h.attach(&["a".into()], Some(&first.id), u64::MAX);
+        assert!(at.gap.is_some(), "events after the id were aged out");
+    }
+
+    #[test]
+    fn a_replay_comes_in_bounded_batches_and_reports_evictions_midway() {
+        let h = Hub::new(
+            1,
+            Limits {
+                max_events: 2000,
+                max_bytes: 64 << 20,
+                max_age: Duration::from_secs(3600),
+            },
+        );
+        let first = publish(&h, "a", None);
+        for _ in 0..999 {
+            publish(&h, "a", None);
+        }
+        let mut at = h.attach(&["a".into()], Some(&first.id), u64::MAX);
+        assert!(at.gap.is_none());
+        let cur = at.replay.as_mut().unwrap();
+        let b = h.replay_batch(&["a"], cur);
+        assert_eq!(b.events.len(), REPLAY_BATCH_EVENTS);
+        assert!(!b.done && b.gap.is_none());
+        // 2,000 more evict what the client has not been given yet.
+        for _ in 0..2000 {
+            publish(&h, "a", None);
+        }
+        let b = h.replay_batch(&["a"], cur);
+        assert!(b.gap.is_some(), "no silent gap mid-replay");
     }
 
     #[test]
@@ -648,14 +840,15 @@ mod snapshot_tests {
         let b = Hub::new(1, limits);
         assert_eq!(b.load_history(&path).unwrap(), 2);
         assert!(!path.exists(), "the file is consumed");
-        let at = b.attach(&["t".into()], Some(&first.id), u64::MAX);
+        let t: Vec<String> = vec!["t".into()];
+        let mut at = b.attach(&t, Some(&first.id), u64::MAX);
         assert!(at.gap.is_none(), "the previous run's ids are known");
-        assert_eq!(at.replay.len(), 1);
+        let got = b.replay_all(&t, &mut at);
+        assert_eq!(got.len(), 1);
+        let mut before = a.attach(&t, Some(&first.id), u64::MAX);
         assert_eq!(
-            at.replay[0].frame.chunked(),
-            a.attach(&["t".into()], Some(&first.id), u64::MAX).replay[0]
-                .frame
-                .chunked()
+            got[0].frame.chunked(),
+            a.replay_all(&t, &mut before)[0].frame.chunked()
         );
         assert!(b.attach(&["gone".into()], None, 0).closed);
         let third = b.publish(p("t", "four")).unwrap();

@@ -3,7 +3,7 @@
 //! copy) and stays within its count, byte and age limits; it remembers the newest sequence
 //! it ever evicted so a resume that reaches past it is reported as a gap, never silently.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,11 +48,22 @@ pub struct History {
     bytes: usize,
     /// Highest `seq` ever evicted (0 = none): anything at or below it may be missing.
     evicted_upto: u64,
+    /// Publisher-supplied ids (ones that are not the event's own `seq`) → newest `seq`
+    /// with that id, so a resume finds any id without walking the history.
+    custom_ids: HashMap<Box<str>, u64>,
+}
+
+/// Whether `ev`'s id is herald's own (its `seq` in decimal), found by binary search.
+fn own_id(ev: &Event) -> bool {
+    ev.id.parse::<u64>() == Ok(ev.seq)
 }
 
 impl History {
     pub fn push(&mut self, ev: Arc<Event>, limits: &Limits, now: Instant) {
         self.bytes += ev.wire_len();
+        if !own_id(&ev) {
+            self.custom_ids.insert(ev.id.clone(), ev.seq);
+        }
         self.events.push_back(ev);
         self.evict(limits, now);
     }
@@ -68,6 +79,9 @@ impl History {
             }
             self.bytes -= front.wire_len();
             self.evicted_upto = front.seq;
+            if self.custom_ids.get(&front.id) == Some(&front.seq) {
+                self.custom_ids.remove(&front.id);
+            }
             self.events.pop_front();
         }
     }
@@ -94,10 +108,14 @@ impl History {
 
     /// The `seq` of the retained event whose wire id is `id`, newest match first.
     pub fn find_id(&self, id: &str) -> Option<u64> {
+        if let Some(&seq) = self.custom_ids.get(id) {
+            return Some(seq);
+        }
+        let seq = id.parse::<u64>().ok()?;
+        let k = self.events.partition_point(|e| e.seq < seq);
         self.events
-            .iter()
-            .rev()
-            .find(|e| &*e.id == id)
+            .get(k)
+            .filter(|e| e.seq == seq && &*e.id == id)
             .map(|e| e.seq)
     }
 
@@ -109,10 +127,16 @@ impl History {
     /// Rebuild a history from a snapshot (events in `seq` order).
     pub fn restored(events: Vec<Arc<Event>>, evicted_upto: u64) -> History {
         let bytes = events.iter().map(|e| e.wire_len()).sum();
+        let custom_ids = events
+            .iter()
+            .filter(|e| !own_id(e))
+            .map(|e| (e.id.clone(), e.seq))
+            .collect();
         History {
             events: events.into(),
             bytes,
             evicted_upto,
+            custom_ids,
         }
     }
 
