@@ -211,7 +211,7 @@ fn a_stalled_reader_is_cut_at_the_write_timeout_not_the_keepalive() {
     }) else {
         return;
     };
-    let mut c = small_rcvbuf(s.addr, "GET /events/stall HTTP/1.1\r\n\r\n");
+    let c = small_rcvbuf(s.addr, "GET /events/stall HTTP/1.1\r\n\r\n");
     wait_streams(s.addr, 1);
     let t0 = Instant::now();
     assert_eq!(
