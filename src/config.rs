@@ -76,6 +76,10 @@ pub struct Settings {
     /// Bytes retained per topic [default: 4MiB]
     #[arg(long)]
     pub history_bytes: Option<String>,
+    /// Most topics herald keeps history for; a publish that would create one more is
+    /// refused [default: 250000]
+    #[arg(long)]
+    pub history_topics: Option<usize>,
     /// Age after which retained events are dropped, e.g. 1h [default: 1h]
     #[arg(long)]
     pub history_age: Option<String>,
@@ -128,6 +132,7 @@ pub struct Config {
     pub max_topics: usize,
     pub max_event: usize,
     pub history_events: usize,
+    pub history_topics: usize,
     pub history_bytes: usize,
     pub history_age: Duration,
     pub history_file: Option<PathBuf>,
@@ -220,6 +225,7 @@ impl Config {
             max_topics: s.max_topics.unwrap_or(32),
             max_event: size("max-event", s.max_event.as_deref(), "1MiB")?,
             history_events: s.history_events.unwrap_or(1000),
+            history_topics: s.history_topics.unwrap_or(250_000),
             history_bytes: size("history-bytes", s.history_bytes.as_deref(), "4MiB")?,
             history_age: duration("history-age", s.history_age.as_deref(), "1h")?,
             history_file: s.history_file,
@@ -276,6 +282,7 @@ impl Settings {
             max_topics,
             max_event,
             history_events,
+            history_topics,
             history_bytes,
             history_age,
             history_file,

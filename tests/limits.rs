@@ -273,3 +273,22 @@ fn a_low_open_files_limit_gives_503s_and_keeps_healthz_and_ingest_alive() {
     assert!(String::from_utf8_lossy(&bytes).contains("still here"));
     drop(child);
 }
+
+#[test]
+fn publishers_cannot_create_topics_past_the_cap() {
+    let Some(s) = start(|c| c.history_topics = 3) else {
+        return;
+    };
+    for t in ["t1", "t2", "t3"] {
+        assert_eq!(http_publish(s.addr, t, "x").status, 200);
+    }
+    let r = http_publish(s.addr, "t4", "x");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("too many topics"));
+    let replies = ingest(s.ingest, &[event_line("t5", "x"), event_line("t1", "ok")]);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert!(replies[0].contains("too many topics") && replies[0].contains("\"line\":1"));
+    assert_eq!(metric(s.addr, "herald_history_topics"), 3);
+    assert_eq!(metric(s.addr, "herald_events_ingested_total"), 4);
+    s.stop();
+}

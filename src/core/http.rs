@@ -12,7 +12,7 @@ use super::{flag, ConnId, Core, Phase, ReadBuf, ReadOutcome, Sub, Subs, DEMO_PAG
 use crate::fanout::bus::PublishFailure;
 use crate::http::request::{parse_head, HttpError, Parsed, Request, Route};
 use crate::http::response;
-use crate::sse::event::Publish;
+use crate::sse::event::{Publish, PublishError};
 
 impl<H> Core<H> {
     // ---- read ---------------------------------------------------------------------
@@ -272,6 +272,20 @@ impl<H> Core<H> {
                 let body = format!("{}\n", serde_json::json!({ "id": &*done.id }));
                 let r =
                     response::simple(200, "application/json", body.as_bytes(), &cors, keep, false);
+                self.respond(c, r, keep);
+            }
+            Err(PublishFailure::Invalid(e @ PublishError::TooManyTopics { .. })) => {
+                self.counters.http_errors += 1;
+                let body = format!("{}\n", serde_json::json!({ "error": e.to_string() }));
+                let extra = format!("Retry-After: 60\r\n{cors}");
+                let r = response::simple(
+                    503,
+                    "application/json",
+                    body.as_bytes(),
+                    &extra,
+                    keep,
+                    false,
+                );
                 self.respond(c, r, keep);
             }
             Err(PublishFailure::Invalid(e)) => {

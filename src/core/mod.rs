@@ -85,7 +85,7 @@ impl Shared {
             max_age: config.history_age,
         };
         Arc::new(Shared {
-            hub: Hub::new(config.workers, limits),
+            hub: Hub::new(config.workers, limits).with_max_topics(config.history_topics),
             stats: (0..config.workers).map(|_| Arc::default()).collect(),
             cors: Cors::new(&config.cors_origins, config.cors_credentials),
             open: AtomicUsize::new(0),

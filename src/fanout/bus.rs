@@ -206,6 +206,9 @@ pub struct Hub {
     state: Mutex<State>,
     inboxes: Box<[Inbox]>,
     limits: Limits,
+    /// Most topics with state (history or a close marker); publishes that would create
+    /// another are refused.
+    max_topics: usize,
     /// First sequence whose events this process knows about (its own start, or the start
     /// of the run whose history it restored): ids below it come from an earlier run.
     start_seq: AtomicU64,
@@ -247,9 +250,16 @@ impl Hub {
             }),
             inboxes: (0..workers).map(|_| Inbox::new()).collect(),
             limits,
+            max_topics: usize::MAX,
             start_seq: AtomicU64::new(wall_micros()),
             stats: HubStats::default(),
         }
+    }
+
+    /// Cap the number of topics the hub keeps state for.
+    pub fn with_max_topics(mut self, max: usize) -> Hub {
+        self.max_topics = max;
+        self
     }
 
     pub fn inbox(&self, worker: usize) -> &Inbox {
@@ -286,6 +296,11 @@ impl Hub {
         let mut st = self.lock();
         if !self.has_room() {
             return Err(PublishFailure::Busy);
+        }
+        if st.topics.len() >= self.max_topics && !st.topics.contains_key(p.topic.as_str()) {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            let max = self.max_topics;
+            return Err(PublishError::TooManyTopics { max }.into());
         }
         let seq = (st.last_seq + 1).max(wall_micros());
         st.last_seq = seq;
@@ -333,14 +348,18 @@ impl Hub {
             std::thread::sleep(Duration::from_micros(200));
         };
         let name = intern(&st, topic);
-        st.topics
-            .entry(name.clone())
-            .or_insert_with(|| TopicState {
-                history: History::default(),
-                closed: false,
-                last_retry: None,
-            })
-            .closed = true;
+        // At the topic cap a topic herald has no state for gets no close marker (its
+        // streams still end); every known one does.
+        if st.topics.len() < self.max_topics || st.topics.contains_key(topic) {
+            st.topics
+                .entry(name.clone())
+                .or_insert_with(|| TopicState {
+                    history: History::default(),
+                    closed: false,
+                    last_retry: None,
+                })
+                .closed = true;
+        }
         self.send_all(st, || BusMsg::Close(name.clone()));
         self.stats.topics_closed.fetch_add(1, Ordering::Relaxed);
     }
@@ -800,6 +819,28 @@ mod tests {
         }
         let b = h.replay_batch(&["a"], cur);
         assert!(b.gap.is_some(), "no silent gap mid-replay");
+    }
+
+    #[test]
+    fn publishes_that_would_create_a_topic_past_the_cap_are_refused() {
+        let h = hub().with_max_topics(2);
+        publish(&h, "a", None);
+        publish(&h, "b", None);
+        let p = |t: &str| Publish {
+            topic: t.into(),
+            data: "x".into(),
+            event: None,
+            id: None,
+            retry: None,
+        };
+        assert_eq!(
+            h.try_publish(&p("c")),
+            Err(PublishFailure::Invalid(PublishError::TooManyTopics {
+                max: 2
+            }))
+        );
+        assert!(h.try_publish(&p("a")).is_ok(), "known topics still publish");
+        assert_eq!(h.history_size().0, 2);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub enum PublishError {
     IdTooLong { max: usize },
     #[error("event type longer than {max} bytes")]
     EventTypeTooLong { max: usize },
+    #[error("too many topics: herald keeps at most {max} (--history-topics)")]
+    TooManyTopics { max: usize },
 }
 
 /// Whether `b` may appear in a topic name.
