@@ -374,6 +374,8 @@ mod tests {
     fn every_error_is_well_formed() {
         let errors = [
             HttpError::BadRequest,
+            HttpError::BadFraming,
+            HttpError::UnexpectedBody { method: "GET" },
             HttpError::InvalidTopic,
             HttpError::NoTopic,
             HttpError::TooManyTopics { max: 32 },

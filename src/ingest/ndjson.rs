@@ -636,5 +636,46 @@ mod tests {
             let pushes: Vec<&[u8]> = cuts.windows(2).map(|w| &input[w[0]..w[1]]).collect();
             proptest::prop_assert_eq!(run(max, &pushes), oracle(max, &input));
         }
+
+        /// Arbitrary bytes in arbitrary chunks frame exactly as the same bytes in one
+        /// push: same lines, same numbers, nothing lost or joined across a cut.
+        #[test]
+        fn any_bytes_in_any_chunks_frame_as_whole(
+            input in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            cuts in proptest::collection::vec(0usize..600, 0..16),
+            max in 0usize..64,
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
+            cuts.push(0);
+            cuts.push(input.len());
+            cuts.sort_unstable();
+            let pushes: Vec<&[u8]> = cuts.windows(2).map(|w| &input[w[0]..w[1]]).collect();
+            let whole = run(max, &[input.as_slice()]);
+            proptest::prop_assert_eq!(run(max, &pushes), whole.clone());
+            proptest::prop_assert_eq!(whole, oracle(max, &input));
+        }
+
+        #[test]
+        fn parse_line_never_panics(line in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = parse_line(&line);
+        }
+
+        /// JSON-shaped lines (the fields herald reads, any value type, odd escapes)
+        /// never panic, and an accepted publish always passes validation.
+        #[test]
+        fn json_like_lines_never_panic(pieces in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "{", "}", "[", "]", ",", ":", "\"topic\"", "\"data\"", "\"event\"",
+                "\"id\"", "\"retry\"", "\"control\"", "\"close\"", "\"t\"", "\"a\\nb\"",
+                "\"\\u0000\"", "\"\\ud800\"", "null", "true", "-1", "4294967296", "1.5",
+                "1e400", " ", "\r", "\u{feff}", "\"\u{10ffff}\"",
+            ]),
+            0..24,
+        )) {
+            let line = pieces.concat();
+            if let Ok(Command::Publish(p)) = parse_line(line.as_bytes()) {
+                proptest::prop_assert!(p.validate().is_ok());
+            }
+        }
     }
 }
