@@ -137,3 +137,52 @@ fn a_closed_topic_ends_its_streams_and_answers_204() {
     assert_eq!(again.status, 204);
     s.stop();
 }
+
+#[test]
+fn first_subscribers_of_their_topics_resume_while_those_topics_are_published_to() {
+    // Per-user shape: every client is the first (and only) subscriber of its topic on
+    // its worker, so each resume registers the worker for the topic while events for it
+    // are being published.
+    const TOPICS: usize = 300;
+    const BEFORE: usize = 10;
+    const TOTAL: usize = 50;
+    let Some(s) = start(|c| c.history_events = 1000) else {
+        return;
+    };
+    let line = |k: usize, i: usize| {
+        serde_json::json!({"topic": format!("u{k}"), "id": format!("u{k}-{i}"), "data": i.to_string()})
+            .to_string()
+    };
+    let before: Vec<String> = (0..BEFORE)
+        .flat_map(|i| (0..TOPICS).map(move |k| (k, i)))
+        .map(|(k, i)| line(k, i))
+        .collect();
+    assert!(ingest(s.ingest, &before).is_empty());
+    let ingest_addr = s.ingest;
+    let publisher = std::thread::spawn(move || {
+        for i in BEFORE..TOTAL {
+            let lines: Vec<String> = (0..TOPICS).map(|k| line(k, i)).collect();
+            assert!(ingest(ingest_addr, &lines).is_empty());
+        }
+    });
+    let resume_from = BEFORE / 2;
+    let mut crowds: Vec<Crowd> = (0..TOPICS)
+        .map(|k| {
+            let path = format!("/events/u{k}?lastEventId=u{k}-{resume_from}");
+            Crowd::connect(s.addr, &path, 1)
+        })
+        .collect();
+    publisher.join().unwrap();
+    let expect: Vec<usize> = (resume_from + 1..TOTAL).collect();
+    for (k, crowd) in crowds.iter_mut().enumerate() {
+        assert!(
+            crowd.pump_until(WAIT, |cs| cs[0].events.len() >= expect.len()),
+            "client {k} missed events"
+        );
+        crowd.pump_until(Duration::from_millis(5), |_| false);
+        let c = &crowd.conns[0];
+        let got: Vec<usize> = c.events.iter().map(|e| e.data.parse().unwrap()).collect();
+        assert_eq!(got, expect, "client {k}: no gap, no duplicate");
+    }
+    s.stop();
+}

@@ -81,10 +81,14 @@ impl<H> Core<H> {
         let inbox = shared.hub.inbox(self.id);
         inbox.unpark();
         while let Some(msg) = inbox.pop() {
-            match msg {
-                BusMsg::Event(ev) => self.handle_event(ev),
-                BusMsg::Close(name) => self.handle_topic_close(&name),
-            }
+            self.handle_msg(msg);
+        }
+    }
+
+    pub(super) fn handle_msg(&mut self, msg: BusMsg) {
+        match msg {
+            BusMsg::Event(ev) => self.handle_event(ev),
+            BusMsg::Close(name) => self.handle_topic_close(&name),
         }
     }
 
@@ -94,7 +98,6 @@ impl<H> Core<H> {
     }
 
     pub(super) fn handle_event(&mut self, ev: Arc<Event>) {
-        self.seen_seq = ev.seq;
         self.counters.events_received += 1;
         let Some(&t) = self.topic_ids.get(&ev.topic) else {
             return;

@@ -342,10 +342,15 @@ impl<H> Core<H> {
             return;
         };
         let cors = self.shared.cors.headers(req.origin.as_deref());
-        let attach = self
+        let mut attach = self
             .shared
             .hub
-            .attach(&topics, last_event_id.as_deref(), self.seen_seq);
+            .attach(self.id, &topics, last_event_id.as_deref());
+        // What the hub had queued for this worker is older than the replay's end: it goes
+        // to the local logs before the new stream's cursors are placed at their ends.
+        for msg in std::mem::take(&mut attach.pending) {
+            self.handle_msg(msg);
+        }
         let last_retry = attach.last_retry;
         if attach.closed {
             return self.respond(c, response::no_content(&cors), false);
@@ -483,6 +488,8 @@ impl<H> Core<H> {
                 let t = self.topics.remove(s.topic as usize);
                 self.counters.fanout_backlog_bytes -= t.end_bytes() - t.base_bytes;
                 self.topic_ids.remove(&t.name);
+                // This worker no longer wants the topic's events.
+                self.shared.hub.unsubscribe(self.id, &t.name);
             }
         }
     }

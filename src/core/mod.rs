@@ -247,8 +247,6 @@ pub struct Core<H> {
     topics: Slab<LocalTopic>,
     topic_ids: HashMap<Arc<str>, u32>,
     wheel: Wheel,
-    /// Sequence of the last event taken from the inbox.
-    seen_seq: u64,
     ready: Vec<ConnId>,
     closing: Vec<ConnId>,
     expired: Vec<u32>,
@@ -283,7 +281,6 @@ impl<H> Core<H> {
             topics: Slab::new(),
             topic_ids: HashMap::new(),
             wheel: Wheel::new(WHEEL_SLOTS, 1024, 0),
-            seen_seq: 0,
             ready: Vec::new(),
             closing: Vec::new(),
             expired: Vec::new(),

@@ -119,6 +119,8 @@ pub struct Attach {
     pub replay: Option<ReplayCursor>,
     /// The last `retry` an event of the requested topics carried (their highest).
     pub last_retry: Option<u32>,
+    /// What was in the worker's inbox: handle it before the new stream starts.
+    pub pending: Vec<BusMsg>,
 }
 
 /// A replay in progress: everything retained with `after < seq <= upto` is still to come.
@@ -177,8 +179,24 @@ enum Snapshot {
 struct TopicState {
     history: History,
     closed: bool,
+    /// Workers with a subscriber for this topic (bit k = worker k): only they are sent
+    /// its events. Unused (everyone gets everything) with more than 64 workers.
+    interest: u64,
     /// The last `retry` published on this topic.
     last_retry: Option<u32>,
+}
+
+impl TopicState {
+    /// A topic herald has no state for: it may have lost anything up to `forgotten`
+    /// (see [`State::forgotten_upto`]).
+    fn fresh(forgotten: u64) -> TopicState {
+        TopicState {
+            history: History::restored(Vec::new(), forgotten),
+            closed: false,
+            interest: 0,
+            last_retry: None,
+        }
+    }
 }
 
 struct State {
@@ -294,7 +312,8 @@ impl Hub {
         }
         let now = Instant::now();
         let mut st = self.lock();
-        if !self.has_room() {
+        let targets = self.targets(st.topics.get(p.topic.as_str()));
+        if !self.has_room(targets) {
             return Err(PublishFailure::Busy);
         }
         if st.topics.len() >= self.max_topics && !st.topics.contains_key(p.topic.as_str()) {
@@ -318,11 +337,11 @@ impl Hub {
             retry: p.retry,
             at: now,
         });
-        let t = st.topics.entry(topic).or_insert_with(|| TopicState {
-            history: History::default(),
-            closed: false,
-            last_retry: None,
-        });
+        let forgotten = st.forgotten_upto;
+        let t = st
+            .topics
+            .entry(topic)
+            .or_insert_with(|| TopicState::fresh(forgotten));
         t.closed = false;
         if p.retry.is_some() {
             t.last_retry = p.retry;
@@ -332,17 +351,18 @@ impl Hub {
         let (n1, b1) = (t.history.len(), t.history.bytes());
         st.events = st.events + n1 - n0;
         st.bytes = st.bytes + b1 - b0;
-        self.send_all(st, || BusMsg::Event(ev.clone()));
+        self.send_to(st, targets, || BusMsg::Event(ev.clone()));
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         Ok(Published { id, seq })
     }
 
     /// End every stream of `topic`; until the next publish, subscribing answers 204.
     pub fn close_topic(&self, topic: &str) {
-        let mut st = loop {
+        let (mut st, targets) = loop {
             let st = self.lock();
-            if self.has_room() {
-                break st;
+            let targets = self.targets(st.topics.get(topic));
+            if self.has_room(targets) {
+                break (st, targets);
             }
             drop(st);
             std::thread::sleep(Duration::from_micros(200));
@@ -351,53 +371,108 @@ impl Hub {
         // At the topic cap a topic herald has no state for gets no close marker (its
         // streams still end); every known one does.
         if st.topics.len() < self.max_topics || st.topics.contains_key(topic) {
+            let forgotten = st.forgotten_upto;
             st.topics
                 .entry(name.clone())
-                .or_insert_with(|| TopicState {
-                    history: History::default(),
-                    closed: false,
-                    last_retry: None,
-                })
+                .or_insert_with(|| TopicState::fresh(forgotten))
                 .closed = true;
         }
-        self.send_all(st, || BusMsg::Close(name.clone()));
+        self.send_to(st, targets, || BusMsg::Close(name.clone()));
         self.stats.topics_closed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Every inbox can take one more message. Only publishers push, and they hold the
-    /// lock, so room seen under the lock is still there when they push.
-    fn has_room(&self) -> bool {
-        self.inboxes.iter().all(|i| i.queue.len() < INBOX_CAPACITY)
+    /// The workers a message for `topic` goes to: those with a subscriber for it.
+    fn targets(&self, topic: Option<&TopicState>) -> u64 {
+        if self.inboxes.len() > 64 {
+            return u64::MAX;
+        }
+        topic.map_or(0, |t| t.interest)
     }
 
-    /// Push one message to every inbox (room checked with [`Hub::has_room`] under the
-    /// same lock), release the lock, then wake the workers that are parked.
-    fn send_all(&self, st: MutexGuard<'_, State>, msg: impl Fn() -> BusMsg) {
-        for inbox in self.inboxes.iter() {
+    /// The inboxes in `targets`, in worker order.
+    fn inboxes_in(&self, targets: u64) -> impl Iterator<Item = &Inbox> {
+        self.inboxes
+            .iter()
+            .enumerate()
+            .filter(move |(k, _)| *k >= 64 || targets & (1 << k) != 0)
+            .map(|(_, i)| i)
+    }
+
+    /// Every inbox in `targets` can take one more message. Only publishers push, and they
+    /// hold the lock, so room seen under the lock is still there when they push.
+    fn has_room(&self, targets: u64) -> bool {
+        self.inboxes_in(targets)
+            .all(|i| i.queue.len() < INBOX_CAPACITY)
+    }
+
+    /// Push one message to each inbox in `targets` (room checked with [`Hub::has_room`]
+    /// under the same lock), release the lock, then wake those workers that are parked.
+    /// A worker with no subscriber for the topic is neither sent nor woken.
+    fn send_to(&self, st: MutexGuard<'_, State>, targets: u64, msg: impl Fn() -> BusMsg) {
+        for inbox in self.inboxes_in(targets) {
             let pushed = inbox.queue.push(msg());
             debug_assert!(pushed.is_ok());
         }
         drop(st);
-        for inbox in self.inboxes.iter() {
+        for inbox in self.inboxes_in(targets) {
             inbox.notify();
         }
     }
 
-    /// Start a subscription on a worker that has consumed every event up to `upto`:
-    /// the replay covers `(client's id, upto]` and live delivery continues after `upto`,
-    /// so the hand-over has no gap and no duplicate. The events themselves come in
-    /// batches from [`Hub::replay_batch`], as the client takes them.
+    /// Worker `worker` has no subscriber for `topic` any more: stop sending it its events.
+    /// A topic left with no history, no close marker and no interest is forgotten.
+    pub fn unsubscribe(&self, worker: usize, topic: &str) {
+        if worker >= 64 {
+            return;
+        }
+        let mut st = self.lock();
+        let st = &mut *st;
+        if let Some(t) = st.topics.get_mut(topic) {
+            t.interest &= !(1 << worker);
+            if t.interest == 0 && !t.closed && t.history.is_empty() {
+                st.forgotten_upto = st.forgotten_upto.max(t.history.evicted_upto());
+                st.topics.remove(topic);
+            }
+        }
+    }
+
+    /// Start a subscription on worker `worker`. Under the lock, the worker is registered
+    /// for every requested topic and its inbox is emptied into [`Attach::pending`]: the
+    /// worker handles those first, so it has then seen everything published up to the
+    /// replay's `upto` (the newest sequence) for its topics, and everything after reaches
+    /// its inbox. The replay covers `(client's id, upto]` and live delivery continues
+    /// after it: no gap and no duplicate at the hand-over, even for a worker that gains
+    /// its first subscriber for a topic while events are published. The events themselves
+    /// come in batches from [`Hub::replay_batch`].
     ///
     /// The client's id resumes without a gap only if it is one herald retains for a
     /// requested topic, or a number it can prove is a position within the retained range:
     /// at or after this run's start, not past the newest sequence, and with nothing after
     /// it evicted from any requested topic.
-    pub fn attach(&self, topics: &[String], last_id: Option<&str>, upto: u64) -> Attach {
-        let st = self.lock();
+    pub fn attach(&self, worker: usize, topics: &[String], last_id: Option<&str>) -> Attach {
+        let mut st = self.lock();
+        let pending: Vec<BusMsg> =
+            std::iter::from_fn(|| self.inboxes[worker].queue.pop()).collect();
+        let upto = st.last_seq;
+        let closed = topics
+            .iter()
+            .any(|t| st.topics.get(t.as_str()).is_some_and(|s| s.closed));
+        if worker < 64 && !closed {
+            let forgotten = st.forgotten_upto;
+            for t in topics {
+                let name = intern(&st, t);
+                st.topics
+                    .entry(name)
+                    .or_insert_with(|| TopicState::fresh(forgotten))
+                    .interest |= 1 << worker;
+            }
+        }
+        let st = st;
         let known = || topics.iter().filter_map(|t| st.topics.get(t.as_str()));
         let mut out = Attach {
-            closed: known().any(|s| s.closed),
+            closed,
             last_retry: known().filter_map(|s| s.last_retry).max(),
+            pending,
             ..Attach::default()
         };
         let Some(last_id) = last_id else {
@@ -513,7 +588,7 @@ impl Hub {
             t.history.evict(&self.limits, now);
             events += t.history.len();
             bytes += t.history.bytes();
-            let keep = t.closed || !t.history.is_empty();
+            let keep = t.closed || !t.history.is_empty() || t.interest != 0;
             if !keep {
                 forgotten = forgotten.max(t.history.evicted_upto());
             }
@@ -651,6 +726,7 @@ impl Hub {
                 TopicState {
                     history,
                     closed: t.closed,
+                    interest: 0,
                     last_retry,
                 },
             );
@@ -703,30 +779,54 @@ mod tests {
     }
 
     #[test]
-    fn every_worker_sees_every_event_in_sequence_order() {
+    fn events_go_only_to_the_workers_subscribed_to_their_topic_in_sequence_order() {
         let h = hub();
+        // Nobody subscribed: history only, no worker is sent (or woken for) anything.
+        publish(&h, "a", None);
+        assert!(drain(&h, 0).is_empty() && drain(&h, 1).is_empty());
+        assert!(h.attach(0, &["a".into()], None).pending.is_empty());
+        assert!(h
+            .attach(1, &["a".into(), "b".into()], None)
+            .pending
+            .is_empty());
         let seqs: Vec<u64> = (0..10)
             .map(|i| publish(&h, ["a", "b"][i % 2], None).seq)
             .collect();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(drain(&h, 0), seqs);
+        let a_only: Vec<u64> = seqs.iter().copied().step_by(2).collect();
+        assert_eq!(drain(&h, 0), a_only);
         assert_eq!(drain(&h, 1), seqs);
+        h.unsubscribe(1, "b");
+        publish(&h, "b", None);
+        assert!(drain(&h, 1).is_empty(), "unsubscribed");
     }
 
     #[test]
-    fn resume_replays_after_the_id_up_to_what_the_worker_has_seen() {
+    fn attach_hands_over_the_inbox_and_replays_up_to_the_newest_event() {
         let h = hub();
         let a = publish(&h, "a", Some("p1"));
         let b = publish(&h, "b", None);
-        let c = publish(&h, "a", None);
         let ab: Vec<String> = vec!["a".into(), "b".into()];
-        let mut at = h.attach(&ab, Some("p1"), c.seq);
+        // Worker 0 already streams "a": c sits in its inbox when the resume arrives.
+        h.attach(0, &["a".into()], None);
+        let c = publish(&h, "a", None);
+        let mut at = h.attach(0, &ab, Some("p1"));
         assert!(at.gap.is_none());
+        let pending: Vec<u64> = at
+            .pending
+            .iter()
+            .filter_map(|m| match m {
+                BusMsg::Event(e) => Some(e.seq),
+                BusMsg::Close(_) => None,
+            })
+            .collect();
+        assert_eq!(pending, [c.seq], "the inbox is handed over under the lock");
         let seqs = |v: Vec<Arc<Event>>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
         assert_eq!(seqs(h.replay_all(&ab, &mut at)), [b.seq, c.seq]);
-        // The worker has only seen up to b: c will reach it live, so it is not replayed.
-        let mut at = h.attach(&ab, Some(&a.id), b.seq);
-        assert_eq!(seqs(h.replay_all(&ab, &mut at)), [b.seq]);
+        let mut at = h.attach(1, &ab, Some(&a.id));
+        assert_eq!(seqs(h.replay_all(&ab, &mut at)), [b.seq, c.seq]);
+        let d = publish(&h, "b", None);
+        assert_eq!(drain(&h, 1), [d.seq], "live after the replay's end");
     }
 
     #[test]
@@ -737,7 +837,7 @@ mod tests {
             publish(&h, "a", None);
         }
         for id in ["nope", "0", &*first.id] {
-            let mut at = h.attach(&["a".into()], Some(id), u64::MAX);
+            let mut at = h.attach(0, &["a".into()], Some(id));
             let gap = at.gap.take().expect("gap signalled");
             let body = std::str::from_utf8(gap.body()).unwrap();
             assert!(body.starts_with("event: herald-gap\n"), "{body}");
@@ -753,7 +853,7 @@ mod tests {
         let last = publish(&h, "a", None);
         let big = (last.seq * 10).to_string();
         for id in ["18446744073709551615", "9999999999999999999", &big] {
-            let mut at = h.attach(&["a".into()], Some(id), u64::MAX);
+            let mut at = h.attach(0, &["a".into()], Some(id));
             assert!(at.gap.is_some(), "{id} resumed silently");
             assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 1, "{id}");
         }
@@ -763,13 +863,13 @@ mod tests {
         for _ in 0..3 {
             publish(&h, "a", None);
         }
-        let mut at = h.attach(&["a".into()], Some("4000000000000000000"), u64::MAX);
+        let mut at = h.attach(0, &["a".into()], Some("4000000000000000000"));
         assert!(at.gap.is_some());
         assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 3);
         // Its own id, still retained, resumes silently, found without a scan.
         let own = publish(&h, "a", None);
         publish(&h, "a", None);
-        let mut at = h.attach(&["a".into()], Some(&own.id), u64::MAX);
+        let mut at = h.attach(0, &["a".into()], Some(&own.id));
         assert!(at.gap.is_none());
         assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 1);
     }
@@ -789,7 +889,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         h.janitor();
         assert_eq!(h.history_size(), (0, 0, 0));
-        let at = h.attach(&["a".into()], Some(&first.id), u64::MAX);
+        let at = h.attach(0, &["a".into()], Some(&first.id));
         assert!(at.gap.is_some(), "events after the id were aged out");
     }
 
@@ -807,7 +907,7 @@ mod tests {
         for _ in 0..999 {
             publish(&h, "a", None);
         }
-        let mut at = h.attach(&["a".into()], Some(&first.id), u64::MAX);
+        let mut at = h.attach(0, &["a".into()], Some(&first.id));
         assert!(at.gap.is_none());
         let cur = at.replay.as_mut().unwrap();
         let b = h.replay_batch(&["a"], cur);
@@ -847,9 +947,9 @@ mod tests {
     fn closed_topic_reopens_on_publish() {
         let h = hub();
         h.close_topic("a");
-        assert!(h.attach(&["a".into()], None, 0).closed);
+        assert!(h.attach(0, &["a".into()], None).closed);
         publish(&h, "a", None);
-        assert!(!h.attach(&["a".into()], None, 0).closed);
+        assert!(!h.attach(0, &["a".into()], None).closed);
     }
 }
 
@@ -882,24 +982,21 @@ mod snapshot_tests {
         assert_eq!(b.load_history(&path).unwrap(), 2);
         assert!(!path.exists(), "the file is consumed");
         let t: Vec<String> = vec!["t".into()];
-        let mut at = b.attach(&t, Some(&first.id), u64::MAX);
+        let mut at = b.attach(0, &t, Some(&first.id));
         assert!(at.gap.is_none(), "the previous run's ids are known");
         let got = b.replay_all(&t, &mut at);
         assert_eq!(got.len(), 1);
-        let mut before = a.attach(&t, Some(&first.id), u64::MAX);
+        let mut before = a.attach(0, &t, Some(&first.id));
         assert_eq!(
             got[0].frame.chunked(),
             a.replay_all(&t, &mut before)[0].frame.chunked()
         );
-        assert!(b.attach(&["gone".into()], None, 0).closed);
+        assert!(b.attach(0, &["gone".into()], None).closed);
         let third = b.publish(p("t", "four")).unwrap();
         assert!(third.seq > second.seq, "sequence continues");
         // Without a file, nothing is loaded and an old id is a gap.
         let c = Hub::new(1, limits);
         assert_eq!(c.load_history(&path).unwrap(), 0);
-        assert!(c
-            .attach(&["t".into()], Some(&first.id), u64::MAX)
-            .gap
-            .is_some());
+        assert!(c.attach(0, &["t".into()], Some(&first.id)).gap.is_some());
     }
 }
