@@ -70,6 +70,11 @@ pub struct Opt {
     /// Publish back-to-back, ignoring --rate.
     #[arg(long)]
     pub burst: bool,
+    /// Pace every single publish at this many events per second over all topics
+    /// together, topics taken round-robin (the per-user shape: one event, one topic, one
+    /// subscriber); overrides --rate.
+    #[arg(long)]
+    pub total_rate: Option<f64>,
     /// How to publish: NDJSON lines to --ingest, or HTTP POST of the data to --publish-url.
     #[arg(long, value_enum, default_value_t = PublishVia::Ingest)]
     pub publish: PublishVia,

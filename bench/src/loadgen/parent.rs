@@ -337,7 +337,10 @@ pub fn run(opt: &Opt) -> Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = spawn_sampler(pids.clone(), stop.clone());
         let p_start = mono_ns();
-        publisher.run(&topics, opt.events, opt.rate, opt.burst);
+        match opt.total_rate {
+            Some(r) if !opt.burst => publisher.run_round_robin(&topics, opt.events, r),
+            _ => publisher.run(&topics, opt.events, opt.rate, opt.burst),
+        }
         let p_end = mono_ns();
         let complete = fleet.wait(Instant::now() + secs(opt.drain_timeout), |f| {
             f.all(|i| f.done[i])

@@ -140,6 +140,32 @@ impl Publisher {
         }
     }
 
+    /// Publish seq 0..events to every topic, round-robin over the topics, each single
+    /// publish paced so that `total_rate` events per second go out over all topics.
+    pub fn run_round_robin(&mut self, topics: &[String], events: u64, total_rate: f64) {
+        let t0 = mono_ns();
+        let mut n = 0u64;
+        for seq in 0..events {
+            for t in topics {
+                let due = t0 + (n as f64 * 1e9 / total_rate) as u64;
+                n += 1;
+                let now = mono_ns();
+                if due > now {
+                    thread::sleep(Duration::from_nanos(due - now));
+                }
+                let ts = mono_ns();
+                if self.stats.first_ns == 0 {
+                    self.stats.first_ns = ts;
+                }
+                match self.publish(t, seq, ts) {
+                    Ok(()) => self.stats.sent += 1,
+                    Err(e) => *self.stats.errors.entry(e).or_default() += 1,
+                }
+                self.stats.last_ns = mono_ns();
+            }
+        }
+    }
+
     fn publish(&mut self, topic: &str, seq: u64, ts: u64) -> Result<(), String> {
         self.line.clear();
         match &mut self.sink {
