@@ -37,6 +37,14 @@ pub struct Settings {
     /// Path of an NDJSON ingest Unix socket [default: none]
     #[arg(long)]
     pub ingest_unix: Option<PathBuf>,
+    /// Close an ingest connection after this long without a byte read or written,
+    /// 0 = never [default: 5m]
+    #[arg(long)]
+    pub ingest_idle_timeout: Option<String>,
+    /// Open ingest connections (TCP and Unix together); beyond it a new one gets one
+    /// error line and is closed [default: 1024]
+    #[arg(long)]
+    pub ingest_max_connections: Option<usize>,
     /// Worker threads, one pinned per CPU [default: online CPUs]
     #[arg(long)]
     pub workers: Option<usize>,
@@ -120,6 +128,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub ingest: Option<SocketAddr>,
     pub ingest_unix: Option<PathBuf>,
+    /// None: ingest connections never time out.
+    pub ingest_idle_timeout: Option<Duration>,
+    pub ingest_max_connections: usize,
     pub workers: usize,
     pub backend: BackendChoice,
     pub keepalive: Duration,
@@ -213,6 +224,13 @@ impl Config {
                 .unwrap_or_else(|| "0.0.0.0:8080".parse().expect("literal")),
             ingest,
             ingest_unix: s.ingest_unix,
+            ingest_idle_timeout: Some(duration(
+                "ingest-idle-timeout",
+                s.ingest_idle_timeout.as_deref(),
+                "5m",
+            )?)
+            .filter(|d| !d.is_zero()),
+            ingest_max_connections: s.ingest_max_connections.unwrap_or(1024),
             workers,
             backend: s.backend.unwrap_or(BackendChoice::Auto),
             keepalive: duration("keepalive", s.keepalive.as_deref(), "15s")?,
@@ -244,6 +262,9 @@ impl Config {
         if cfg.max_head < 256 {
             return Err(value("max-head", "must be at least 256 bytes"));
         }
+        if cfg.ingest_max_connections == 0 {
+            return Err(value("ingest-max-connections", "must be at least 1"));
+        }
         if cfg.max_topics == 0 {
             return Err(value("max-topics", "must be at least 1"));
         }
@@ -270,6 +291,8 @@ impl Settings {
             listen,
             ingest,
             ingest_unix,
+            ingest_idle_timeout,
+            ingest_max_connections,
             workers,
             backend,
             keepalive,
@@ -355,6 +378,8 @@ mod tests {
         assert_eq!(c.backend, BackendChoice::Auto);
         assert_eq!(c.keepalive, Duration::from_secs(15));
         assert_eq!(c.max_backlog, 1 << 20);
+        assert_eq!(c.ingest_idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.ingest_max_connections, 1024);
         assert!(c.workers >= 1);
         assert!(c.publish_allow[0].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
     }
@@ -374,6 +399,25 @@ mod tests {
         assert_eq!(c.keepalive, Duration::from_millis(500));
         assert_eq!(c.max_backlog, 64 << 10);
         assert!(toml::from_str::<Settings>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn ingest_limits_from_file_and_flags() {
+        let file: Settings =
+            toml::from_str("ingest-idle-timeout = \"0\"\ningest-max-connections = 8").unwrap();
+        let c = Config::from_settings(Settings::default().over(file.clone())).unwrap();
+        assert_eq!((c.ingest_idle_timeout, c.ingest_max_connections), (None, 8));
+        let flags = Settings {
+            ingest_idle_timeout: Some("30s".into()),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(flags.over(file)).unwrap();
+        assert_eq!(c.ingest_idle_timeout, Some(Duration::from_secs(30)));
+        assert!(Config::from_settings(Settings {
+            ingest_max_connections: Some(0),
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[test]

@@ -15,7 +15,12 @@ macro_rules! counters {
 
         /// The shared copy of a worker's counters.
         #[derive(Debug, Default)]
-        pub struct WorkerStats { $( $name: AtomicU64, )* }
+        pub struct WorkerStats {
+            $( $name: AtomicU64, )*
+            /// Counted by the ingest thread (into the first worker's block, the one set of
+            /// stats `/metrics` reads); `store` leaves it alone.
+            pub ingest: IngestStats,
+        }
 
         impl WorkerStats {
             /// Publish the worker's current counters (once per loop turn).
@@ -59,6 +64,17 @@ counters! {
     loop_turns: "counter", "Event loop iterations";
 }
 
+/// The ingest thread's counters, bumped once per connection or refused line (never per
+/// published event), so relaxed atomics cost nothing that matters.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub connections_open: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    pub lines_refused: AtomicU64,
+}
+
 /// Render `/metrics`: hub totals, then per-worker series labelled `worker`, then sums.
 pub fn render(hub: &Hub, workers: &[std::sync::Arc<WorkerStats>], backend: &str) -> String {
     let mut out = String::with_capacity(4096);
@@ -83,7 +99,43 @@ pub fn render(hub: &Hub, workers: &[std::sync::Arc<WorkerStats>], backend: &str)
     }
     let s = &hub.stats;
     let (topics, events, bytes) = hub.history_size();
+    let ingest = |f: fn(&IngestStats) -> &AtomicU64| -> u64 {
+        workers
+            .iter()
+            .map(|w| f(&w.ingest).load(Ordering::Relaxed))
+            .sum()
+    };
     for (name, kind, help, v) in [
+        (
+            "ingest_connections_open",
+            "gauge",
+            "Ingest (NDJSON) connections currently open",
+            ingest(|i| &i.connections_open),
+        ),
+        (
+            "ingest_connections_accepted_total",
+            "counter",
+            "Ingest connections accepted",
+            ingest(|i| &i.connections_accepted),
+        ),
+        (
+            "ingest_connections_refused_total",
+            "counter",
+            "Ingest connections refused over --ingest-max-connections",
+            ingest(|i| &i.connections_refused),
+        ),
+        (
+            "ingest_idle_timeouts_total",
+            "counter",
+            "Ingest connections closed after --ingest-idle-timeout without traffic",
+            ingest(|i| &i.idle_timeouts),
+        ),
+        (
+            "ingest_lines_refused_total",
+            "counter",
+            "Ingest lines answered with an error line (invalid, too long or not publishable)",
+            ingest(|i| &i.lines_refused),
+        ),
         (
             "events_ingested_total",
             "counter",
@@ -174,7 +226,13 @@ mod tests {
             events_delivered: 4,
             ..Counters::default()
         });
+        b.ingest.lines_refused.fetch_add(2, Ordering::Relaxed);
         let text = render(&hub, &[a, b], "epoll");
+        assert!(
+            text.contains("herald_ingest_lines_refused_total 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE herald_ingest_connections_open gauge\n"));
         assert!(text.contains("herald_events_delivered_total 7\n"), "{text}");
         assert!(text.contains("herald_events_delivered_total{worker=\"1\"} 4\n"));
         assert!(text.contains("herald_connections_open 1\n"));

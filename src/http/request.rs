@@ -710,8 +710,9 @@ mod tests {
     fn framing() {
         use HttpError::*;
         let get = |m: &'static str| Err(UnexpectedBody { method: m });
-        // (head, Ok((content_length, chunked)) or the refusal)
-        let cases: Vec<(&str, Result<(usize, bool), HttpError>)> = vec![
+        /// Ok((content_length, chunked)), or the refusal.
+        type Want = Result<(usize, bool), HttpError>;
+        let cases: Vec<(&str, Want)> = vec![
             ("GET /healthz HTTP/1.1\r\nContent-Length: 31\r\n\r\n", get("GET")),
             ("GET /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n", Ok((0, false))),
             ("HEAD /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\n", get("HEAD")),
