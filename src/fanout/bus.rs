@@ -87,6 +87,41 @@ impl Inbox {
     }
 }
 
+/// Publishes whose wake-ups are sent together; see [`Hub::batch`].
+pub struct PublishBatch<'h> {
+    hub: &'h Hub,
+    /// Workers sent something since the last wake-up.
+    wake: u64,
+}
+
+impl PublishBatch<'_> {
+    /// Publish, waiting (without the lock) while a target worker's inbox is full.
+    pub fn publish(&mut self, p: Publish) -> Result<Published, PublishError> {
+        loop {
+            match self.hub.try_publish_deferred(&p, &mut self.wake) {
+                Ok(done) => return Ok(done),
+                Err(PublishFailure::Invalid(e)) => return Err(e),
+                Err(PublishFailure::Busy) => {
+                    // The full worker must be awake to make room.
+                    self.flush();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+    }
+
+    /// Wake the workers sent something so far.
+    pub fn flush(&mut self) {
+        self.hub.notify(std::mem::take(&mut self.wake));
+    }
+}
+
+impl Drop for PublishBatch<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Publisher-side outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -293,19 +328,31 @@ impl Hub {
     /// Publish, waiting (without holding the lock) while a worker's inbox is full.
     /// For threads that are not workers: a worker must use [`Hub::try_publish`].
     pub fn publish(&self, p: Publish) -> Result<Published, PublishError> {
-        loop {
-            match self.try_publish(&p) {
-                Ok(done) => return Ok(done),
-                Err(PublishFailure::Invalid(e)) => return Err(e),
-                Err(PublishFailure::Busy) => {
-                    std::thread::sleep(std::time::Duration::from_micros(200))
-                }
-            }
-        }
+        self.batch().publish(p)
+    }
+
+    /// A batch of publishes from a thread that is not a worker: each worker the batch
+    /// sends events to is woken once, when the batch ends (or before the batch waits for
+    /// room), not once per event. No timer is involved: a batch is what the caller
+    /// already has in hand, such as the lines of one read.
+    pub fn batch(&self) -> PublishBatch<'_> {
+        PublishBatch { hub: self, wake: 0 }
     }
 
     /// Publish if every inbox has room; never blocks.
     pub fn try_publish(&self, p: &Publish) -> Result<Published, PublishFailure> {
+        let mut wake = 0;
+        let r = self.try_publish_deferred(p, &mut wake);
+        self.notify(wake);
+        r
+    }
+
+    /// [`Hub::try_publish`], adding the workers to wake to `wake` instead of waking them.
+    fn try_publish_deferred(
+        &self,
+        p: &Publish,
+        wake: &mut u64,
+    ) -> Result<Published, PublishFailure> {
         if let Err(e) = p.validate() {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(e.into());
@@ -352,6 +399,7 @@ impl Hub {
         st.events = st.events + n1 - n0;
         st.bytes = st.bytes + b1 - b0;
         self.send_to(st, targets, || BusMsg::Event(ev.clone()));
+        *wake |= targets;
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         Ok(Published { id, seq })
     }
@@ -378,6 +426,7 @@ impl Hub {
                 .closed = true;
         }
         self.send_to(st, targets, || BusMsg::Close(name.clone()));
+        self.notify(targets);
         self.stats.topics_closed.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -406,14 +455,19 @@ impl Hub {
     }
 
     /// Push one message to each inbox in `targets` (room checked with [`Hub::has_room`]
-    /// under the same lock), release the lock, then wake those workers that are parked.
-    /// A worker with no subscriber for the topic is neither sent nor woken.
+    /// under the same lock) and release the lock; the caller then wakes them
+    /// ([`Hub::notify`]). A worker with no subscriber for the topic is neither sent nor
+    /// woken.
     fn send_to(&self, st: MutexGuard<'_, State>, targets: u64, msg: impl Fn() -> BusMsg) {
         for inbox in self.inboxes_in(targets) {
             let pushed = inbox.queue.push(msg());
             debug_assert!(pushed.is_ok());
         }
         drop(st);
+    }
+
+    /// Wake the workers in `targets` that are parked.
+    fn notify(&self, targets: u64) {
         for inbox in self.inboxes_in(targets) {
             inbox.notify();
         }
@@ -799,6 +853,41 @@ mod tests {
         h.unsubscribe(1, "b");
         publish(&h, "b", None);
         assert!(drain(&h, 1).is_empty(), "unsubscribed");
+    }
+
+    #[test]
+    fn a_batch_wakes_each_parked_worker_once_and_only_the_subscribed_ones() {
+        struct Count(Arc<AtomicU64>);
+        impl Wake for Count {
+            fn wake(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let h = hub();
+        let woken: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::default()).collect();
+        for (w, n) in woken.iter().enumerate() {
+            h.inbox(w).set_waker(Box::new(Count(n.clone())));
+        }
+        h.attach(0, &["a".into()], None);
+        assert!(h.inbox(0).park() && h.inbox(1).park());
+        {
+            let mut batch = h.batch();
+            for i in 0..10 {
+                batch.publish(Publish {
+                    topic: "a".into(),
+                    data: i.to_string(),
+                    event: None,
+                    id: None,
+                    retry: None,
+                })
+                .unwrap();
+            }
+            assert_eq!(woken[0].load(Ordering::SeqCst), 0, "not per event");
+        }
+        assert_eq!(woken[0].load(Ordering::SeqCst), 1, "once for the batch");
+        assert_eq!(woken[1].load(Ordering::SeqCst), 0, "not subscribed: never woken");
+        assert_eq!(drain(&h, 0).len(), 10);
+        assert!(drain(&h, 1).is_empty());
     }
 
     #[test]

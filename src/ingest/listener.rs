@@ -20,7 +20,7 @@ use slab::Slab;
 
 use super::ndjson::{error_reply, parse_line, Command, Framed, LineError, LineFramer};
 use crate::core::Shared;
-use crate::fanout::bus::Hub;
+use crate::fanout::bus::{Hub, PublishBatch};
 use crate::metrics::IngestStats;
 
 const TCP: Token = Token(usize::MAX - 1);
@@ -428,8 +428,9 @@ impl Ingest<'_> {
             p.unread = true;
         } else if p.eof {
             let max_line = p.max_line;
+            let mut batch = hub.batch();
             while let Some(f) = p.framer.finish() {
-                handle_line(hub, stats, f, &mut p.out, max_line);
+                handle_line(&mut batch, hub, stats, f, &mut p.out, max_line);
             }
         }
         match flush(p) {
@@ -476,8 +477,10 @@ impl Ingest<'_> {
 
 /// Handle the framer's complete lines until the reply cap; past it the rest wait in the
 /// framer (`lines_pending`), so replies held stay near the cap.
+/// Handle the lines framed so far as one batch: each worker is woken once for them.
 fn handle_lines(hub: &Hub, stats: &IngestStats, p: &mut Publisher) {
     let max_line = p.max_line;
+    let mut batch = hub.batch();
     loop {
         if p.out.len() >= MAX_PENDING_REPLIES {
             p.lines_pending = true;
@@ -487,11 +490,12 @@ fn handle_lines(hub: &Hub, stats: &IngestStats, p: &mut Publisher) {
             p.lines_pending = false;
             return;
         };
-        handle_line(hub, stats, f, &mut p.out, max_line);
+        handle_line(&mut batch, hub, stats, f, &mut p.out, max_line);
     }
 }
 
 fn handle_line(
+    batch: &mut PublishBatch<'_>,
     hub: &Hub,
     stats: &IngestStats,
     f: Framed<'_>,
@@ -503,8 +507,10 @@ fn handle_line(
         Framed::TooLong { no } => (no, Err(LineError::LineTooLong { max: max_line })),
     };
     let err = match result {
-        Ok(Command::Publish(p)) => hub.publish(p).err().map(LineError::Invalid),
+        Ok(Command::Publish(p)) => batch.publish(p).err().map(LineError::Invalid),
         Ok(Command::CloseTopic(t)) => {
+            // In order with the events before it: those workers are woken first.
+            batch.flush();
             hub.close_topic(&t);
             None
         }
