@@ -8,12 +8,15 @@
 # Workloads: fanout (1 topic × N subscribers, 20 events/s for 60 s, 10 s with --quick),
 # burst (200 events back-to-back), idle memory (sampled in every run after connecting),
 # hold (idle subscribers for --hold seconds: keep-alives received, streams dropped and the
-# server's CPU %, then 5 events).
+# server's CPU %, then 5 events), peruser (every subscriber on its own topic, 4 events to
+# each topic round-robin, paced at --peruser-rate events/s in total) and peruser-burst
+# (the same back to back).
 # Output: bench/results/<date>-<host>-compare/{raw/*.json,results.md,summary.json,env.md}
 #
 # usage: scripts/compare.sh [--quick] [--subscribers N] [--rounds R] [--setups plain,steered]
 #                           [--servers herald-uring,herald-epoll,nchan,axum,floor]
-#                           [--workloads fanout,burst,hold] [--rate EV_PER_S] [--hold SECS]
+#                           [--workloads fanout,burst,hold,peruser,peruser-burst]
+#                           [--rate EV_PER_S] [--peruser-rate EV_PER_S] [--hold SECS]
 #                           [--out DIR]
 # --rate (default 20) sets the fan-out publish rate; at 10k subscribers 20/s saturates one
 # core for every server here, and in the steered set-up also the load generator's core
@@ -22,7 +25,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/bench-lib.sh"
 
-QUICK=0 N=10000 ROUNDS=3 RATE=20 HOLD=60 SETUPS=plain,steered WORKLOADS=fanout,burst
+QUICK=0 N=10000 ROUNDS=3 RATE=20 PU_RATE=3000 HOLD=60 SETUPS=plain,steered WORKLOADS=fanout,burst
 SERVERS=herald-uring,herald-epoll,nchan,axum,floor OUT="" INSIDE=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -33,10 +36,11 @@ while [ $# -gt 0 ]; do
     --servers) SERVERS=$2; shift ;;
     --workloads) WORKLOADS=$2; shift ;;
     --rate) RATE=$2; shift ;;
+    --peruser-rate) PU_RATE=$2; shift ;;
     --hold) HOLD=$2; shift ;;
     --out) OUT=$2; shift ;;
     --inside-netns) INSIDE=$2; shift ;;   # internal: run one set-up in this (new) netns
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -61,6 +65,8 @@ run_setup() { # setup
           fanout) load=(--events "$(python3 -c "print(max(1, round($RATE * $DUR)))")" --rate "$RATE") ;;
           burst) load=(--events 200 --burst) ;;
           hold) load=(--events 5 --rate 5 --hold "$HOLD") ;;
+          peruser) load=(--topics "$N" --events 4 --total-rate "$PU_RATE") ;;
+          peruser-burst) load=(--topics "$N" --events 4 --burst) ;;
         esac
         timeout $((DUR + HOLD + 180)) taskset -c 1 "$BIN/herald-bench" --url "$SUB_URL" "${PUB_ARGS[@]}" \
           -n "$N" "${load[@]}" --server-pid "$SERVER_PID" --thread-prefix "$SERVER_THREADS" \
@@ -103,7 +109,8 @@ for setup in ${SETUPS//,/ }; do
       # Global knob, set first or RPS-steered loopback packets drop.
       sysctl -qw net.core.netdev_max_backlog=65536 || echo "cannot raise netdev_max_backlog" >&2
       unshare -n -m -- "$0" --inside-netns steered --rounds "$ROUNDS" --subscribers "$N" \
-        --servers "$SERVERS" --workloads "$WORKLOADS" --rate "$RATE" --hold "$HOLD" --out "$OUT" $([ $QUICK = 1 ] && echo --quick) ;;
+        --servers "$SERVERS" --workloads "$WORKLOADS" --rate "$RATE" --peruser-rate "$PU_RATE" \
+        --hold "$HOLD" --out "$OUT" $([ $QUICK = 1 ] && echo --quick) ;;
     *) echo "unknown set-up $setup" >&2 ;;
   esac
 done
