@@ -56,7 +56,15 @@ counters! {
     keepalives: "counter", "Keep-alive comments sent";
     slow_consumer_disconnects: "counter", "Subscribers disconnected for exceeding the backlog or write-stall limit";
     head_timeouts: "counter", "Connections closed for not sending a request head in time";
-    http_errors: "counter", "Requests answered with a 4xx/5xx status";
+    http_errors: "counter", "Requests answered with a 4xx/5xx status (each status also below)";
+    http_400: "counter", "Requests refused 400: malformed, smuggling-prone framing, bad topic or event";
+    http_403: "counter", "Requests refused 403: POST /publish from an address not allowed";
+    http_404: "counter", "Requests refused 404: unknown path";
+    http_405: "counter", "Requests refused 405: wrong method";
+    http_411: "counter", "Requests refused 411: chunked publish body";
+    http_413: "counter", "Requests refused 413: publish body over --max-event";
+    http_431: "counter", "Requests refused 431: head over --max-head";
+    http_503: "counter", "Requests refused 503: over the connection limit or accept rate, a worker busy, or the topic cap";
     http_publishes: "counter", "Events published with POST /publish";
     topics_closed_streams: "counter", "Streams ended by a topic close control message";
     drain_cut: "counter", "Streams closed at the end of the drain window before their last chunk was written";
@@ -73,6 +81,27 @@ pub struct IngestStats {
     pub connections_refused: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub lines_refused: AtomicU64,
+}
+
+impl Counters {
+    /// Count a response by status: every 4xx/5xx in `http_errors`, and in its own counter.
+    pub fn count_status(&mut self, status: u16) {
+        if status < 400 {
+            return;
+        }
+        self.http_errors += 1;
+        match status {
+            400 => self.http_400 += 1,
+            403 => self.http_403 += 1,
+            404 => self.http_404 += 1,
+            405 => self.http_405 += 1,
+            411 => self.http_411 += 1,
+            413 => self.http_413 += 1,
+            431 => self.http_431 += 1,
+            503 => self.http_503 += 1,
+            _ => {}
+        }
+    }
 }
 
 /// Render `/metrics`: hub totals, then per-worker series labelled `worker`, then sums.
@@ -175,7 +204,7 @@ pub fn render(hub: &Hub, workers: &[std::sync::Arc<WorkerStats>], backend: &str)
         (
             "history_topics",
             "gauge",
-            "Topics with retained history",
+            "Topics herald keeps state for: retained history, a close marker or subscribers (bounded by --history-topics)",
             topics as u64,
         ),
         (

@@ -52,7 +52,13 @@ fn bad_requests_get_their_status_and_the_server_still_serves() {
             "still serving after {what}"
         );
     }
-    assert!(metric(s.addr, "herald_http_errors_total") >= 7);
+    // Workers publish their counters at the end of a loop turn, after the answer left.
+    wait_for("every refusal counted", || {
+        metric(s.addr, "herald_http_errors_total") >= 7
+    });
+    assert!(metric(s.addr, "herald_http_400_total") >= 3);
+    assert!(metric(s.addr, "herald_http_405_total") >= 2);
+    assert!(metric(s.addr, "herald_http_431_total") >= 1);
     let mut c = Client::subscribe(s.addr, "/events/a");
     wait_streams(s.addr, 1);
     ingest(s.ingest, &[event_line("a", "still fine")]);

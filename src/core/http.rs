@@ -221,7 +221,6 @@ impl<H> Core<H> {
             None
         };
         if let Some((status, body)) = refusal {
-            self.counters.http_errors += 1;
             self.respond(
                 c,
                 response::simple(status, "text/plain", body, "", false, false),
@@ -249,7 +248,6 @@ impl<H> Core<H> {
             return;
         };
         let Ok(data) = String::from_utf8(body) else {
-            self.counters.http_errors += 1;
             let b = b"event data must be UTF-8\n";
             return self.respond(
                 c,
@@ -275,7 +273,6 @@ impl<H> Core<H> {
                 self.respond(c, r, keep);
             }
             Err(PublishFailure::Invalid(e @ PublishError::TooManyTopics { .. })) => {
-                self.counters.http_errors += 1;
                 let body = format!("{}\n", serde_json::json!({ "error": e.to_string() }));
                 let extra = format!("Retry-After: 60\r\n{cors}");
                 let r = response::simple(
@@ -289,14 +286,12 @@ impl<H> Core<H> {
                 self.respond(c, r, keep);
             }
             Err(PublishFailure::Invalid(e)) => {
-                self.counters.http_errors += 1;
                 let body = format!("{}\n", serde_json::json!({ "error": e.to_string() }));
                 let r =
                     response::simple(400, "application/json", body.as_bytes(), &cors, keep, false);
                 self.respond(c, r, keep);
             }
             Err(PublishFailure::Busy) => {
-                self.counters.http_errors += 1;
                 self.respond(c, response::unavailable(1), false);
             }
         }
@@ -304,7 +299,6 @@ impl<H> Core<H> {
 
     /// Answer with an HTTP error and close.
     pub(super) fn fail(&mut self, c: ConnId, e: HttpError) {
-        self.counters.http_errors += 1;
         tracing::trace!(
             worker = self.id,
             conn = c,
@@ -316,6 +310,12 @@ impl<H> Core<H> {
 
     /// Queue a one-off response; then close, or wait for the next request if `keep`.
     pub(super) fn respond(&mut self, c: ConnId, bytes: Vec<u8>, keep: bool) {
+        // Every response is built by `http::response` and starts "HTTP/1.1 NNN ".
+        let status = std::str::from_utf8(bytes.get(9..12).unwrap_or_default())
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        self.counters.count_status(status);
         let write_ticks = self.ticks(self.shared.config.write_timeout);
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;

@@ -873,19 +873,24 @@ mod tests {
         {
             let mut batch = h.batch();
             for i in 0..10 {
-                batch.publish(Publish {
-                    topic: "a".into(),
-                    data: i.to_string(),
-                    event: None,
-                    id: None,
-                    retry: None,
-                })
-                .unwrap();
+                batch
+                    .publish(Publish {
+                        topic: "a".into(),
+                        data: i.to_string(),
+                        event: None,
+                        id: None,
+                        retry: None,
+                    })
+                    .unwrap();
             }
             assert_eq!(woken[0].load(Ordering::SeqCst), 0, "not per event");
         }
         assert_eq!(woken[0].load(Ordering::SeqCst), 1, "once for the batch");
-        assert_eq!(woken[1].load(Ordering::SeqCst), 0, "not subscribed: never woken");
+        assert_eq!(
+            woken[1].load(Ordering::SeqCst),
+            0,
+            "not subscribed: never woken"
+        );
         assert_eq!(drain(&h, 0).len(), 10);
         assert!(drain(&h, 1).is_empty());
     }
