@@ -286,11 +286,9 @@ fn publishers_cannot_create_topics_past_the_cap() {
     let r = http_publish(s.addr, "t4", "x");
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("too many topics"));
-    assert_eq!(
-        metric(s.addr, "herald_http_503_total"),
-        1,
-        "counted by status"
-    );
+    wait_for("the 503 counted by status", || {
+        metric(s.addr, "herald_http_503_total") == 1
+    });
     let replies = ingest(s.ingest, &[event_line("t5", "x"), event_line("t1", "ok")]);
     assert_eq!(replies.len(), 1, "{replies:?}");
     assert!(replies[0].contains("too many topics") && replies[0].contains("\"line\":1"));
