@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::fanout::{LocalTopic, SubRef};
-use super::{flag, ConnId, Core, Phase, ReadBuf, ReadOutcome, Sub, Subs, DEMO_PAGE};
+use super::{flag, piece, ConnId, Core, Phase, ReadBuf, ReadOutcome, Sub, Subs, DEMO_PAGE};
 use crate::fanout::bus::PublishFailure;
 use crate::http::request::{parse_head, HttpError, Parsed, Request, Route};
 use crate::http::response;
@@ -378,16 +378,8 @@ impl<H> Core<H> {
         }
         conn.rbuf = None;
         conn.pre.push_back(Bytes::from(head));
-        // HTTP/1.0 streams get the same bytes without the chunk framing (no copy).
-        let piece = |f: &crate::sse::encode::Frame| {
-            if http10 {
-                f.body_bytes()
-            } else {
-                f.bytes.clone()
-            }
-        };
         if let Some(gap) = &attach.gap {
-            conn.pre.push_back(piece(gap));
+            conn.pre.push_back(piece(gap, http10));
         }
         conn.replay = attach.replay.map(Box::new);
         conn.subs = if subs.len() == 1 {
@@ -430,18 +422,11 @@ impl<H> Core<H> {
             .collect();
         let batch = self.shared.hub.replay_batch(&names, cur);
         let http10 = conn.has(flag::HTTP10);
-        let piece = |f: &crate::sse::encode::Frame| {
-            if http10 {
-                f.body_bytes()
-            } else {
-                f.bytes.clone()
-            }
-        };
         if let Some(gap) = &batch.gap {
-            conn.pre.push_back(piece(gap));
+            conn.pre.push_back(piece(gap, http10));
         }
         for ev in &batch.events {
-            conn.pre.push_back(piece(&ev.frame));
+            conn.pre.push_back(piece(&ev.frame, http10));
         }
         if batch.done {
             conn.replay = None;

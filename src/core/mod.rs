@@ -220,6 +220,16 @@ fn frame_of(ev: &Event, http10: bool) -> &[u8] {
     }
 }
 
+/// A per-connection frame as this connection's framing wants it: HTTP/1.0 streams get the
+/// same bytes without the chunk framing (a sub-slice, no copy).
+fn piece(f: &crate::sse::encode::Frame, http10: bool) -> Bytes {
+    if http10 {
+        f.body_bytes()
+    } else {
+        f.bytes.clone()
+    }
+}
+
 /// What the backend must do after `handle_read`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadOutcome {

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use super::{flag, ConnId, Core, Phase};
+use super::{flag, piece, ConnId, Core, Phase};
 use crate::sse::encode::{encode_retry, KEEPALIVE_BODY, KEEPALIVE_CHUNKED};
 
 /// Chunked-encoding end of body, sent when a stream ends cleanly.
@@ -74,9 +74,7 @@ impl<H> Core<H> {
         conn.flags |= flag::FINAL;
         let http10 = conn.has(flag::HTTP10);
         if let Some(ms) = hint {
-            let f = encode_retry(ms);
-            conn.pre
-                .push_back(if http10 { f.body_bytes() } else { f.bytes });
+            conn.pre.push_back(piece(&encode_retry(ms), http10));
         }
         if !http10 {
             conn.pre.push_back(Bytes::from_static(LAST_CHUNK));

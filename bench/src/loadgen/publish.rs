@@ -127,15 +127,7 @@ impl Publisher {
                 }
             }
             for t in topics {
-                let ts = mono_ns();
-                if self.stats.first_ns == 0 {
-                    self.stats.first_ns = ts;
-                }
-                match self.publish(t, seq, ts) {
-                    Ok(()) => self.stats.sent += 1,
-                    Err(e) => *self.stats.errors.entry(e).or_default() += 1,
-                }
-                self.stats.last_ns = mono_ns();
+                self.publish_counted(t, seq);
             }
         }
     }
@@ -153,17 +145,22 @@ impl Publisher {
                 if due > now {
                     thread::sleep(Duration::from_nanos(due - now));
                 }
-                let ts = mono_ns();
-                if self.stats.first_ns == 0 {
-                    self.stats.first_ns = ts;
-                }
-                match self.publish(t, seq, ts) {
-                    Ok(()) => self.stats.sent += 1,
-                    Err(e) => *self.stats.errors.entry(e).or_default() += 1,
-                }
-                self.stats.last_ns = mono_ns();
+                self.publish_counted(t, seq);
             }
         }
+    }
+
+    /// One publish stamped with the time it starts, counted in `stats`.
+    fn publish_counted(&mut self, topic: &str, seq: u64) {
+        let ts = mono_ns();
+        if self.stats.first_ns == 0 {
+            self.stats.first_ns = ts;
+        }
+        match self.publish(topic, seq, ts) {
+            Ok(()) => self.stats.sent += 1,
+            Err(e) => *self.stats.errors.entry(e).or_default() += 1,
+        }
+        self.stats.last_ns = mono_ns();
     }
 
     fn publish(&mut self, topic: &str, seq: u64, ts: u64) -> Result<(), String> {
