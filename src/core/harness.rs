@@ -138,22 +138,23 @@ impl Harness {
     /// The write in flight on `c` completes having sent its first `n` bytes (a short send
     /// when `n` is less than its length).
     pub fn complete(&mut self, c: ConnId, n: usize) {
-        let conn = self.core.conn_mut(c).expect("conn exists");
-        let bytes = conn.handle.inflight.take().expect("a write in flight");
-        let n = n.min(bytes.len());
-        conn.handle.out.extend_from_slice(&bytes[..n]);
-        self.core.handle_written(c, n, true);
-        self.reap_closes();
+        self.end_write(c, n, true);
     }
 
     /// epoll's view of the same write: `n` bytes went out and the socket is now full, so
     /// the connection waits for writability.
     pub fn block(&mut self, c: ConnId, n: usize) {
+        self.end_write(c, n, false);
+    }
+
+    /// The first `n` bytes of the write in flight reach the client; `done` as in
+    /// [`Core::handle_written`].
+    fn end_write(&mut self, c: ConnId, n: usize, done: bool) {
         let conn = self.core.conn_mut(c).expect("conn exists");
         let bytes = conn.handle.inflight.take().expect("a write in flight");
         let n = n.min(bytes.len());
         conn.handle.out.extend_from_slice(&bytes[..n]);
-        self.core.handle_written(c, n, false);
+        self.core.handle_written(c, n, done);
         self.reap_closes();
     }
 
