@@ -25,13 +25,14 @@ use std::thread::JoinHandle;
 use crate::core::Shared;
 pub use config::{BackendChoice, Config};
 use engine::Backend;
-use ingest::listener::{IngestHandle, IngestSockets};
+use ingest::listener::{Ingest, IngestSockets};
 
 /// A running herald.
 pub struct Server {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<io::Result<()>>>,
-    ingest: Option<IngestHandle>,
+    /// Told by the worker hosting ingest once it has stopped (or dropped when it exits).
+    ingest_done: Option<std::sync::mpsc::Receiver<()>>,
     /// Where subscribers connect (the real port when 0 was asked for).
     pub listen_addr: SocketAddr,
     /// Where NDJSON publishers connect, if TCP ingest is on.
@@ -39,7 +40,8 @@ pub struct Server {
     pub backend: Backend,
 }
 
-/// Bind every socket, choose the backend and start the workers and the ingest thread.
+/// Bind every socket, choose the backend and start the workers (the first also serves
+/// ingest).
 pub fn start(config: Config) -> io::Result<Server> {
     let (backend, why) = engine::choose(config.backend).map_err(io::Error::other)?;
     tracing::info!(backend = backend.name(), reason = %why, "backend chosen");
@@ -61,12 +63,13 @@ pub fn start(config: Config) -> io::Result<Server> {
             }
         }
     }
-    let workers = engine::spawn_workers(&shared, backend, listeners)?;
-    let ingest = Some(ingest::listener::spawn(shared.clone(), sockets)?);
+    let (done, ingest_done) = std::sync::mpsc::channel();
+    let ingest = Ingest::new(shared.clone(), sockets, done)?;
+    let workers = engine::spawn_workers(&shared, backend, listeners, ingest)?;
     Ok(Server {
         shared,
         workers,
-        ingest,
+        ingest_done: Some(ingest_done),
         listen_addr,
         ingest_addr,
         backend,
@@ -84,8 +87,11 @@ impl Server {
     pub fn shutdown(mut self) -> io::Result<()> {
         tracing::info!("shutting down");
         let mut result = Ok(());
-        if let Some(ingest) = self.ingest.take() {
-            result = ingest.stop();
+        if let Some(done) = self.ingest_done.take() {
+            self.shared.ingest_stop.store(true, Ordering::Release);
+            self.shared.hub.inbox(0).wake();
+            // An error if the host worker exited first: its ingest went with it.
+            let _ = done.recv();
         }
         self.shared.stop.store(true, Ordering::Release);
         self.shared.hub.wake_all();

@@ -6,10 +6,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use slab::Slab;
+use smallvec::SmallVec;
 
 use super::{flag, frame_of, ConnId, Core, Phase, Sub, Subs};
 use crate::fanout::bus::BusMsg;
+use crate::fanout::table::NameTable;
 use crate::fanout::topic::Event;
 
 pub(super) struct LogEntry {
@@ -25,50 +26,95 @@ pub(super) struct SubRef {
     pub(super) slot: u32,
 }
 
-/// A topic as one worker sees it: its local subscribers and recent events.
+/// A topic as one worker sees it: its local subscribers and recent events. (Its name is
+/// the hub's, kept by the worker's [`NameTable`].) A per-user topic whose subscriber is
+/// caught up holds no allocation: one subscriber is inline and the log is boxed, made by
+/// the first event and dropped once every local cursor has passed its last entry.
 pub(super) struct LocalTopic {
-    pub(super) name: Arc<str>,
-    pub(super) subs: Vec<SubRef>,
-    pub(super) log: VecDeque<LogEntry>,
-    /// Absolute index of `log[0]`.
-    pub(super) base: u64,
-    /// Cumulative bytes before `log[0]`.
-    pub(super) base_bytes: u64,
+    pub(super) subs: SmallVec<[SubRef; 1]>,
+    log: Option<Box<Log>>,
+    /// Absolute index of the log's first entry (the end, when there is no log).
+    base: u64,
     /// The last `retry` an event of this topic carried (the drain hint never goes below).
     pub(super) last_retry: Option<u32>,
 }
 
+#[derive(Default)]
+struct Log {
+    entries: VecDeque<LogEntry>,
+    /// Cumulative bytes before `entries[0]` (counted from the log's making).
+    base_bytes: u64,
+}
+
 impl LocalTopic {
+    pub(super) fn new(last_retry: Option<u32>) -> LocalTopic {
+        LocalTopic {
+            subs: SmallVec::new(),
+            log: None,
+            base: 0,
+            last_retry,
+        }
+    }
+
     pub(super) fn end(&self) -> u64 {
-        self.base + self.log.len() as u64
+        self.base + self.log.as_ref().map_or(0, |l| l.entries.len() as u64)
     }
 
     pub(super) fn end_bytes(&self) -> u64 {
-        self.log.back().map_or(self.base_bytes, |e| e.end)
+        self.log
+            .as_ref()
+            .map_or(0, |l| l.entries.back().map_or(l.base_bytes, |e| e.end))
+    }
+
+    /// Bytes held in the log (not yet written to every local subscriber).
+    pub(super) fn pending_bytes(&self) -> u64 {
+        self.log
+            .as_ref()
+            .map_or(0, |l| self.end_bytes() - l.base_bytes)
     }
 
     /// Cumulative bytes before absolute index `i`.
     pub(super) fn bytes_before(&self, i: u64) -> u64 {
+        let Some(l) = self.log.as_ref() else {
+            return 0;
+        };
         match i.checked_sub(self.base + 1) {
-            Some(k) => self.log[k as usize].end,
-            None => self.base_bytes,
+            Some(k) => l.entries[k as usize].end,
+            None => l.base_bytes,
         }
     }
 
     pub(super) fn entry(&self, i: u64) -> Option<&Arc<Event>> {
         let k = i.checked_sub(self.base)?;
-        self.log.get(k as usize).map(|e| &e.ev)
+        self.log.as_ref()?.entries.get(k as usize).map(|e| &e.ev)
     }
 
-    /// Drop entries below absolute index `upto`.
-    pub(super) fn trim(&mut self, upto: u64) {
+    pub(super) fn push(&mut self, ev: Arc<Event>) {
+        let end = self.end_bytes() + ev.wire_len() as u64;
+        self.log
+            .get_or_insert_with(Box::default)
+            .entries
+            .push_back(LogEntry { ev, end });
+    }
+
+    /// Drop entries below absolute index `upto`; returns the bytes dropped.
+    pub(super) fn trim(&mut self, upto: u64) -> u64 {
+        let before = self.pending_bytes();
         if upto <= self.base {
-            return;
+            return 0;
         }
+        let Some(l) = self.log.as_mut() else {
+            return 0;
+        };
         let k = (upto - self.base) as usize;
-        self.base_bytes = self.log[k - 1].end;
-        self.log.drain(..k);
+        if k >= l.entries.len() {
+            self.log = None;
+        } else {
+            l.base_bytes = l.entries[k - 1].end;
+            l.entries.drain(..k);
+        }
         self.base = upto;
+        before - self.pending_bytes()
     }
 }
 
@@ -97,9 +143,15 @@ impl<H> Core<H> {
         self.shared.hub.inbox(self.id).park()
     }
 
+    /// The worker is running again after a block: publishers (ingest, hosted here) need
+    /// not wake it. Call first thing after the wait returns.
+    pub fn unpark(&self) {
+        self.shared.hub.inbox(self.id).unpark();
+    }
+
     pub(super) fn handle_event(&mut self, ev: Arc<Event>) {
         self.counters.events_received += 1;
-        let Some(&t) = self.topic_ids.get(&ev.topic) else {
+        let Some(t) = self.topics.id(&ev.topic) else {
             return;
         };
         let max_backlog = self.shared.config.max_backlog as u64;
@@ -108,8 +160,8 @@ impl<H> Core<H> {
         if ev.retry.is_some() {
             topic.last_retry = ev.retry;
         }
-        let end = topic.end_bytes() + ev.wire_len() as u64;
-        topic.log.push_back(LogEntry { ev, end });
+        topic.push(ev);
+        let end = topic.end_bytes();
         let topic = &self.topics[t as usize];
         let mut min_cursor = topic.end();
         for sref in &topic.subs {
@@ -138,14 +190,11 @@ impl<H> Core<H> {
                 self.ready.push(sref.conn);
             }
         }
-        let topic = &mut self.topics[t as usize];
-        let before = topic.base_bytes;
-        topic.trim(min_cursor);
-        self.counters.fanout_backlog_bytes -= topic.base_bytes - before;
+        self.counters.fanout_backlog_bytes -= self.topics[t as usize].trim(min_cursor);
     }
 
     pub(super) fn handle_topic_close(&mut self, name: &str) {
-        let Some(&t) = self.topic_ids.get(name) else {
+        let Some(t) = self.topics.id(name) else {
             return;
         };
         let conns: Vec<ConnId> = self.topics[t as usize]
@@ -161,7 +210,7 @@ impl<H> Core<H> {
 }
 
 /// Bytes between a subscription's cursor and its topic's log end.
-fn backlog_of(topics: &Slab<LocalTopic>, s: &Sub) -> u64 {
+fn backlog_of(topics: &NameTable<LocalTopic>, s: &Sub) -> u64 {
     let t = &topics[s.topic as usize];
     t.end_bytes() - t.bytes_before(s.cursor)
 }
@@ -171,7 +220,7 @@ fn backlog_of(topics: &Slab<LocalTopic>, s: &Sub) -> u64 {
 /// directly; several are merged by sequence.
 pub(super) fn walk_live<'a>(
     subs: &[Sub],
-    topics: &'a Slab<LocalTopic>,
+    topics: &'a NameTable<LocalTopic>,
     mut f: impl FnMut(usize, &'a Event) -> bool,
 ) {
     match subs {
@@ -217,7 +266,7 @@ pub(super) fn walk_live<'a>(
 pub(super) fn next_in_order(
     subs: &[Sub],
     cursor: impl Fn(usize) -> u64,
-    topics: &Slab<LocalTopic>,
+    topics: &NameTable<LocalTopic>,
 ) -> Option<usize> {
     let mut best: Option<(usize, u64)> = None;
     for (k, s) in subs.iter().enumerate() {
@@ -234,7 +283,7 @@ pub(super) fn next_in_order(
 /// order [`walk_live`] produced them. Returns (events completed, bytes into the next one).
 pub(super) fn consume_live(
     subs: &mut [Sub],
-    topics: &Slab<LocalTopic>,
+    topics: &NameTable<LocalTopic>,
     mut left: usize,
     http10: bool,
 ) -> (u64, u32) {

@@ -2,7 +2,6 @@
 //! one-off responses and new subscriptions out. A subscription asks the hub for its replay
 //! up to the last event this worker has taken, so replay and live delivery meet exactly.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -357,7 +356,8 @@ impl<H> Core<H> {
         }
         let http10 = req.http10;
         let head = response::stream_head(http10, &cors, self.shared.config.retry);
-        let subs: Vec<Sub> = topics
+        let subs: Vec<Sub> = attach
+            .names
             .iter()
             .map(|name| {
                 let t = self.local_topic(name, last_retry);
@@ -418,7 +418,7 @@ impl<H> Core<H> {
             .subs
             .as_slice()
             .iter()
-            .map(|s| &*self.topics[s.topic as usize].name)
+            .map(|s| &**self.topics.name(s.topic))
             .collect();
         let batch = self.shared.hub.replay_batch(&names, cur);
         let http10 = conn.has(flag::HTTP10);
@@ -434,21 +434,9 @@ impl<H> Core<H> {
     }
 
     /// The worker's topic `name`, created with the hub's last `retry` for it if new.
-    pub(super) fn local_topic(&mut self, name: &str, last_retry: Option<u32>) -> u32 {
-        if let Some(&t) = self.topic_ids.get(name) {
-            return t;
-        }
-        let name: Arc<str> = name.into();
-        let t = self.topics.insert(LocalTopic {
-            name: name.clone(),
-            subs: Vec::new(),
-            log: VecDeque::new(),
-            base: 0,
-            base_bytes: 0,
-            last_retry,
-        }) as u32;
-        self.topic_ids.insert(name, t);
-        t
+    pub(super) fn local_topic(&mut self, name: &Arc<str>, last_retry: Option<u32>) -> u32 {
+        self.topics
+            .get_or_insert_with(name, || LocalTopic::new(last_retry))
     }
 
     /// Remove connection `c`'s subscriptions (its cursors no longer pin log entries).
@@ -470,11 +458,10 @@ impl<H> Core<H> {
                 }
             }
             if t.subs.is_empty() {
-                let t = self.topics.remove(s.topic as usize);
-                self.counters.fanout_backlog_bytes -= t.end_bytes() - t.base_bytes;
-                self.topic_ids.remove(&t.name);
+                let (name, t) = self.topics.remove_at(s.topic);
+                self.counters.fanout_backlog_bytes -= t.pending_bytes();
                 // This worker no longer wants the topic's events.
-                self.shared.hub.unsubscribe(self.id, &t.name);
+                self.shared.hub.unsubscribe(self.id, &name);
             }
         }
     }

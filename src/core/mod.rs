@@ -16,7 +16,7 @@
 //! and replay at subscribe, a keep-alive on an idle stream, the drain trailer once flushed),
 //! so no frame is ever queued in front of one that is partly written.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,6 +28,7 @@ use slab::Slab;
 
 use crate::config::Config;
 use crate::fanout::bus::{Hub, ReplayCursor};
+use crate::fanout::table::NameTable;
 use crate::fanout::topic::Event;
 use crate::http::request::{Limits, Request};
 use crate::http::response::Cors;
@@ -73,6 +74,8 @@ pub struct Shared {
     pub max_connections: AtomicUsize,
     /// Shutdown requested.
     pub stop: AtomicBool,
+    /// Shutdown's first step: the worker hosting ingest stops it (see `Server::shutdown`).
+    pub ingest_stop: AtomicBool,
     /// Backend the workers run ("uring"/"epoll"), for /metrics.
     pub backend: OnceLock<&'static str>,
 }
@@ -91,6 +94,7 @@ impl Shared {
             open: AtomicUsize::new(0),
             max_connections: AtomicUsize::new(config.max_connections),
             stop: AtomicBool::new(false),
+            ingest_stop: AtomicBool::new(false),
             backend: OnceLock::new(),
             config,
         })
@@ -254,8 +258,7 @@ pub struct Core<H> {
     pub id: usize,
     shared: Arc<Shared>,
     conns: Slab<Conn<H>>,
-    topics: Slab<LocalTopic>,
-    topic_ids: HashMap<Arc<str>, u32>,
+    topics: NameTable<LocalTopic>,
     wheel: Wheel,
     ready: Vec<ConnId>,
     closing: Vec<ConnId>,
@@ -288,8 +291,7 @@ impl<H> Core<H> {
         Core {
             id,
             conns: Slab::with_capacity(1024),
-            topics: Slab::new(),
-            topic_ids: HashMap::new(),
+            topics: NameTable::default(),
             wheel: Wheel::new(WHEEL_SLOTS, 1024, 0),
             ready: Vec::new(),
             closing: Vec::new(),
@@ -395,7 +397,6 @@ impl<H> Core<H> {
             rbuf: None,
             replay: None,
         }) as ConnId;
-        self.wheel.ensure_capacity(self.conns.capacity() as u32);
         self.counters.connections_accepted += 1;
         let open = self.shared.open.fetch_add(1, Ordering::Relaxed) + 1;
         let max = self.shared.max_connections.load(Ordering::Relaxed);

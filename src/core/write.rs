@@ -168,6 +168,15 @@ impl<H> Core<H> {
                 consume_live(conn.subs.as_mut_slice(), &self.topics, left, http10);
             conn.off = off;
             self.counters.events_delivered += delivered;
+            // A topic with no other local subscriber needs nothing it has written: free
+            // its log now rather than at the topic's next event (a per-user topic's next
+            // event may be hours away).
+            for s in conn.subs.as_slice() {
+                let t = &mut self.topics[s.topic as usize];
+                if t.subs.len() == 1 {
+                    self.counters.fanout_backlog_bytes -= t.trim(s.cursor);
+                }
+            }
         }
     }
 

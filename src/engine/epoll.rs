@@ -13,9 +13,12 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::core::{AcceptAction, ConnId, Core, ReadOutcome, Shared, MAX_IOVECS};
 use crate::fanout::bus::Wake;
+use crate::ingest::listener::Ingest;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+/// The hosted ingest's epoll set.
+const INGEST: Token = Token(usize::MAX - 3);
 /// Accepts per loop turn, so a connect storm cannot starve established streams.
 const ACCEPT_BATCH: usize = 512;
 /// Reads per connection per turn before yielding to the others.
@@ -52,7 +55,12 @@ struct Loop {
 const FD_RESERVE: usize = 256;
 
 /// Run worker `id` on the epoll backend until shutdown has drained it.
-pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<()> {
+pub fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: StdListener,
+    mut ingest: Option<Box<Ingest>>,
+) -> io::Result<()> {
     // Every epoll connection holds a descriptor: the limit follows the open-files limit.
     if let Ok(nofile) = super::sys::raise_nofile_limit() {
         let most = (nofile as usize).saturating_sub(FD_RESERVE).max(1);
@@ -66,6 +74,12 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
     if let Some(l) = listener.as_mut() {
         poll.registry().register(l, LISTENER, Interest::READABLE)?;
     }
+    if let Some(ing) = ingest.as_ref() {
+        let fd = ing.fd();
+        poll.registry()
+            .register(&mut mio::unix::SourceFd(&fd), INGEST, Interest::READABLE)?;
+    }
+    let mut ingest_readable = true;
     let mut lp = Loop {
         core: Core::new(id, shared.clone(), Instant::now()),
         poll,
@@ -89,6 +103,7 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
             match ev.token() {
                 WAKER => {}
                 LISTENER => accept_more = true,
+                INGEST => ingest_readable = true,
                 Token(t) => {
                     let c = t as u32 as ConnId;
                     let gen = (t >> 32) as u32;
@@ -111,6 +126,16 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
                 None => false,
             };
         }
+        // Ingest before the inbox, so what it published goes out this turn.
+        if let Some(ing) = ingest.as_mut() {
+            let core = &mut lp.core;
+            let readable = std::mem::take(&mut ingest_readable);
+            if !ing.host_step(readable, Instant::now(), &mut || core.drain_inbox())? {
+                let fd = ing.fd();
+                let _ = lp.poll.registry().deregister(&mut mio::unix::SourceFd(&fd));
+                ingest = None;
+            }
+        }
         lp.core.drain_inbox();
         lp.core.handle_tick();
         if lp.core.stop_requested() {
@@ -131,19 +156,24 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: StdListener) -> io::Result<
             tracing::info!(worker = id, "worker stopped");
             return Ok(());
         }
+        let ingest_wait = ingest
+            .as_ref()
+            .map_or(Duration::MAX, |i| i.wait(Instant::now()));
         let busy = lp.core.has_work()
             || (accept_more && !lp.core.accept_paused())
-            || !lp.reread.is_empty();
+            || !lp.reread.is_empty()
+            || ingest_wait.is_zero();
         let timeout = if busy || !lp.core.park() {
             Duration::ZERO
         } else {
-            lp.core.poll_timeout()
+            lp.core.poll_timeout().min(ingest_wait)
         };
         match lp.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => events.clear(),
             Err(e) => return Err(e),
         }
+        lp.core.unpark();
     }
 }
 

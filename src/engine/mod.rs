@@ -17,6 +17,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::BackendChoice;
 use crate::core::Shared;
+use crate::ingest::listener::Ingest;
 
 /// Listen backlog per worker listener.
 const BACKLOG: i32 = 4096;
@@ -78,26 +79,30 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>
     Ok(out)
 }
 
-/// Start the workers; each pins itself, then runs its backend until drained.
+/// Start the workers; each pins itself, then runs its backend until drained. The first
+/// also serves ingest.
 pub fn spawn_workers(
     shared: &Arc<Shared>,
     backend: Backend,
     listeners: Vec<TcpListener>,
+    ingest: Ingest,
 ) -> io::Result<Vec<JoinHandle<io::Result<()>>>> {
     let _ = shared.backend.set(backend.name());
+    let mut ingest = Some(ingest);
     listeners
         .into_iter()
         .enumerate()
         .map(|(id, listener)| {
             let shared = shared.clone();
+            let ingest = ingest.take().map(Box::new);
             std::thread::Builder::new()
                 .name(format!("herald-w{id}"))
                 .spawn(move || {
                     let cpu = affinity::pin(id);
                     tracing::info!(worker = id, cpu, backend = backend.name(), "worker started");
                     let r = match backend {
-                        Backend::Uring => uring::run(id, shared.clone(), listener),
-                        Backend::Epoll => epoll::run(id, shared.clone(), listener),
+                        Backend::Uring => uring::run(id, shared.clone(), listener, ingest),
+                        Backend::Epoll => epoll::run(id, shared.clone(), listener, ingest),
                     };
                     if let Err(e) = &r {
                         tracing::error!(worker = id, error = %e, "worker failed");

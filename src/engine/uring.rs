@@ -35,6 +35,7 @@ use io_uring::{cqueue, opcode, squeue, IoUring};
 use super::{probe, sys};
 use crate::core::{AcceptAction, ConnId, Core, Shared, MAX_IOVECS};
 use crate::fanout::bus::Wake;
+use crate::ingest::listener::Ingest;
 
 /// Submission queue size (completion queue is 4x).
 const SQ_ENTRIES: u32 = 4096;
@@ -61,6 +62,8 @@ mod op {
     pub const CANCEL: u8 = 6;
     /// Shard 0's poll on another shard's eventfd; the id is the shard index.
     pub const SHARD: u8 = 7;
+    /// Shard 0's poll on the hosted ingest's epoll set.
+    pub const INGEST: u8 = 8;
 }
 
 fn user_data(kind: u8, gen: u32, c: u32) -> u64 {
@@ -314,10 +317,19 @@ struct Driver {
     /// core's pause is over or a slot frees.
     accept_stalled: bool,
     cqes: Vec<(u64, i32, u32)>,
+    /// The ingest loop, on the first worker until shutdown stops it.
+    ingest: Option<Box<Ingest>>,
+    ingest_armed: bool,
+    ingest_readable: bool,
 }
 
 /// Run worker `id` on io_uring until shutdown has drained it.
-pub fn run(id: usize, shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+pub fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    ingest: Option<Box<Ingest>>,
+) -> io::Result<()> {
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
     let table = shared
         .config
@@ -348,9 +360,13 @@ pub fn run(id: usize, shared: Arc<Shared>, listener: TcpListener) -> io::Result<
         rearm: Vec::new(),
         accept_stalled: false,
         cqes: Vec::with_capacity(1024),
+        ingest,
+        ingest_armed: false,
+        ingest_readable: true,
     };
     d.arm_accepts();
     d.arm_wake();
+    d.arm_ingest();
     // `Drop for Driver` cancels and drains whatever is still in flight, on this path, on
     // an error and on a panic alike.
     d.run_loop()
@@ -363,6 +379,7 @@ impl Driver {
         loop {
             self.core.set_now(Instant::now());
             self.reap_all()?;
+            self.step_ingest()?;
             self.core.drain_inbox();
             self.core.handle_tick();
             if self.core.stop_requested() {
@@ -388,11 +405,50 @@ impl Driver {
             for sh in self.shards.iter_mut().skip(1) {
                 sh.submit(0, Duration::ZERO)?;
             }
-            let busy = self.core.has_work() || !self.rearm.is_empty();
+            let mut timeout = self.core.poll_timeout();
+            if let Some(ing) = self.ingest.as_ref() {
+                timeout = timeout.min(ing.wait(Instant::now()));
+            }
+            let busy = self.core.has_work() || !self.rearm.is_empty() || timeout.is_zero();
             let wait = !busy && self.core.park();
-            let timeout = self.core.poll_timeout();
             self.shards[0].submit(usize::from(wait), timeout)?;
+            self.core.unpark();
         }
+    }
+
+    /// Serve ingest when its epoll set was readable or its timed work is due (before the
+    /// inbox is taken, so what it published goes out this turn), and keep its poll armed.
+    fn step_ingest(&mut self) -> io::Result<()> {
+        let Some(ing) = self.ingest.as_mut() else {
+            return Ok(());
+        };
+        let core = &mut *self.core;
+        let readable = std::mem::take(&mut self.ingest_readable);
+        if ing.host_step(readable, Instant::now(), &mut || core.drain_inbox())? {
+            self.arm_ingest();
+        } else {
+            // Stopped. An armed poll holds its own reference to the epoll set and ends
+            // with the ring's teardown.
+            self.ingest = None;
+        }
+        Ok(())
+    }
+
+    fn arm_ingest(&mut self) {
+        let Some(fd) = self.ingest.as_ref().map(|i| i.fd()) else {
+            return;
+        };
+        if self.ingest_armed {
+            return;
+        }
+        self.ingest_armed = true;
+        // One-shot: arming checks readiness first, so nothing that became ready since the
+        // last turn is missed.
+        let entry = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data(op::INGEST, 0, 0));
+        // SAFETY: a poll SQE points at no memory of ours.
+        unsafe { self.shards[0].push(entry) };
     }
 
     /// Take every completion now in every shard and act on it.
@@ -432,6 +488,10 @@ impl Driver {
                 // A slot freed: accepts that were short of room can be armed again.
                 self.arm_accepts();
                 self.maybe_release(c);
+            }
+            op::INGEST => {
+                self.ingest_armed = false;
+                self.ingest_readable = true;
             }
             op::WAKE => {
                 self.wake_armed = false;
@@ -852,6 +912,7 @@ impl Driver {
                 self.start_close(c);
             }
             let armed = self.wake_armed
+                || self.ingest_armed
                 || self
                     .shards
                     .iter()
@@ -936,7 +997,11 @@ mod tests {
         // The whole per-connection record, as the slab stores it; the budget for an idle
         // subscriber (record + wheel entry + subscriber slot) is 256 bytes.
         let record = std::mem::size_of::<crate::core::Conn<UConn>>();
-        eprintln!("Conn<UConn>: {record} bytes");
+        eprintln!(
+            "Conn<UConn>: {record} bytes; UConn {} pre {}",
+            std::mem::size_of::<UConn>(),
+            std::mem::size_of::<std::collections::VecDeque<bytes::Bytes>>()
+        );
         assert!(record <= 128, "Conn<UConn> is {record} bytes");
     }
 }

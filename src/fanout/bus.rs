@@ -4,7 +4,6 @@
 //! in sequence order and everything a worker has seen is already in the history. A worker
 //! is woken only when it is parked.
 
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
 
+use super::table::NameTable;
 use super::topic::{Event, History, Limits};
 use crate::sse::encode::{chunk, encode_event, Frame};
 use crate::sse::event::{Publish, PublishError};
@@ -97,6 +97,16 @@ pub struct PublishBatch<'h> {
 impl PublishBatch<'_> {
     /// Publish, waiting (without the lock) while a target worker's inbox is full.
     pub fn publish(&mut self, p: Publish) -> Result<Published, PublishError> {
+        self.publish_making_room(p, &mut || {})
+    }
+
+    /// [`PublishBatch::publish`] from a worker: while it waits, `make_room` empties the
+    /// worker's own inbox, which nobody else can.
+    pub fn publish_making_room(
+        &mut self,
+        p: Publish,
+        make_room: &mut dyn FnMut(),
+    ) -> Result<Published, PublishError> {
         loop {
             match self.hub.try_publish_deferred(&p, &mut self.wake) {
                 Ok(done) => return Ok(done),
@@ -104,6 +114,7 @@ impl PublishBatch<'_> {
                 Err(PublishFailure::Busy) => {
                     // The full worker must be awake to make room.
                     self.flush();
+                    make_room();
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
@@ -156,6 +167,9 @@ pub struct Attach {
     pub last_retry: Option<u32>,
     /// What was in the worker's inbox: handle it before the new stream starts.
     pub pending: Vec<BusMsg>,
+    /// The hub's shared name of each requested topic, in order (one allocation per
+    /// topic name in the process, not one per worker).
+    pub names: Vec<Arc<str>>,
 }
 
 /// A replay in progress: everything retained with `after < seq <= upto` is still to come.
@@ -235,7 +249,7 @@ impl TopicState {
 }
 
 struct State {
-    topics: HashMap<Arc<str>, TopicState>,
+    topics: NameTable<TopicState>,
     last_seq: u64,
     /// The highest `evicted_upto` of the topics the janitor forgot: a topic with no state
     /// may have lost anything up to it.
@@ -295,7 +309,7 @@ impl Hub {
     pub fn new(workers: usize, limits: Limits) -> Hub {
         Hub {
             state: Mutex::new(State {
-                topics: HashMap::new(),
+                topics: NameTable::default(),
                 last_seq: 0,
                 forgotten_upto: 0,
                 events: 0,
@@ -331,9 +345,9 @@ impl Hub {
         self.batch().publish(p)
     }
 
-    /// A batch of publishes from a thread that is not a worker: each worker the batch
-    /// sends events to is woken once, when the batch ends (or before the batch waits for
-    /// room), not once per event. No timer is involved: a batch is what the caller
+    /// A batch of publishes: each worker the batch sends events to is woken once, when the
+    /// batch ends (or before the batch waits for room), not once per event; a worker that
+    /// is awake (the one hosting ingest, say) is not woken at all. No timer is involved: a batch is what the caller
     /// already has in hand, such as the lines of one read.
     pub fn batch(&self) -> PublishBatch<'_> {
         PublishBatch { hub: self, wake: 0 }
@@ -363,7 +377,7 @@ impl Hub {
         if !self.has_room(targets) {
             return Err(PublishFailure::Busy);
         }
-        if st.topics.len() >= self.max_topics && !st.topics.contains_key(p.topic.as_str()) {
+        if st.topics.len() >= self.max_topics && !st.topics.contains(p.topic.as_str()) {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             let max = self.max_topics;
             return Err(PublishError::TooManyTopics { max }.into());
@@ -385,10 +399,10 @@ impl Hub {
             at: now,
         });
         let forgotten = st.forgotten_upto;
-        let t = st
+        let i = st
             .topics
-            .entry(topic)
-            .or_insert_with(|| TopicState::fresh(forgotten));
+            .get_or_insert_with(&topic, || TopicState::fresh(forgotten));
+        let t = &mut st.topics[i as usize];
         t.closed = false;
         if p.retry.is_some() {
             t.last_retry = p.retry;
@@ -418,12 +432,12 @@ impl Hub {
         let name = intern(&st, topic);
         // At the topic cap a topic herald has no state for gets no close marker (its
         // streams still end); every known one does.
-        if st.topics.len() < self.max_topics || st.topics.contains_key(topic) {
+        if st.topics.len() < self.max_topics || st.topics.contains(topic) {
             let forgotten = st.forgotten_upto;
-            st.topics
-                .entry(name.clone())
-                .or_insert_with(|| TopicState::fresh(forgotten))
-                .closed = true;
+            let i = st
+                .topics
+                .get_or_insert_with(&name, || TopicState::fresh(forgotten));
+            st.topics[i as usize].closed = true;
         }
         self.send_to(st, targets, || BusMsg::Close(name.clone()));
         self.notify(targets);
@@ -515,10 +529,10 @@ impl Hub {
             let forgotten = st.forgotten_upto;
             for t in topics {
                 let name = intern(&st, t);
-                st.topics
-                    .entry(name)
-                    .or_insert_with(|| TopicState::fresh(forgotten))
-                    .interest |= 1 << worker;
+                let i = st
+                    .topics
+                    .get_or_insert_with(&name, || TopicState::fresh(forgotten));
+                st.topics[i as usize].interest |= 1 << worker;
             }
         }
         let st = st;
@@ -527,6 +541,7 @@ impl Hub {
             closed,
             last_retry: known().filter_map(|s| s.last_retry).max(),
             pending,
+            names: topics.iter().map(|t| intern(&st, t)).collect(),
             ..Attach::default()
         };
         let Some(last_id) = last_id else {
@@ -574,7 +589,7 @@ impl Hub {
         let mut out = ReplayBatch::default();
         let hist: Vec<&History> = topics
             .iter()
-            .filter_map(|t| st.topics.get(*t).map(|s| &s.history))
+            .filter_map(|t| st.topics.get(t).map(|s| &s.history))
             .collect();
         if topics.iter().any(|t| st.evicted_upto(t) > cur.after) {
             // Evicted while the client was still being replayed to.
@@ -671,7 +686,7 @@ impl Hub {
         serde_json::to_writer(&mut out, &header)?;
         out.write_all(b"\n")?;
         let mut n = 0;
-        for (name, t) in &st.topics {
+        for (name, t) in st.topics.iter() {
             let topic = Snapshot::Topic {
                 topic: name.to_string(),
                 evicted_upto: t.history.evicted_upto(),
@@ -775,15 +790,15 @@ impl Hub {
             history.evict(&self.limits, now);
             st.events += history.len();
             st.bytes += history.bytes();
-            st.topics.insert(
-                t.name,
-                TopicState {
-                    history,
-                    closed: t.closed,
-                    interest: 0,
-                    last_retry,
-                },
-            );
+            let i = st
+                .topics
+                .get_or_insert_with(&t.name, || TopicState::fresh(0));
+            st.topics[i as usize] = TopicState {
+                history,
+                closed: t.closed,
+                interest: 0,
+                last_retry,
+            };
         }
         Ok(n)
     }

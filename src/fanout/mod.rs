@@ -2,4 +2,5 @@
 //! and the per-topic history used for `Last-Event-ID` resume.
 
 pub mod bus;
+pub mod table;
 pub mod topic;

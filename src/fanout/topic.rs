@@ -41,15 +41,23 @@ pub struct Limits {
     pub max_age: Duration,
 }
 
-/// A topic's retained events, oldest first, in `seq` order.
+/// A topic's retained events, oldest first, in `seq` order. A topic with none (an idle
+/// per-user topic, say) holds 16 bytes here: the events live in a box made by the first
+/// push and freed when the last one is evicted.
 #[derive(Debug, Default)]
 pub struct History {
-    events: VecDeque<Arc<Event>>,
-    bytes: usize,
+    retained: Option<Box<Retained>>,
     /// Highest `seq` ever evicted (0 = none): anything at or below it may be missing.
     evicted_upto: u64,
+}
+
+#[derive(Debug, Default)]
+struct Retained {
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
     /// Publisher-supplied ids (ones that are not the event's own `seq`) → newest `seq`
-    /// with that id, so a resume finds any id without walking the history.
+    /// with that id, so a resume finds any id without walking the history (empty, with
+    /// no allocation, for a topic that carries herald's own ids).
     custom_ids: HashMap<Box<str>, u64>,
 }
 
@@ -60,46 +68,57 @@ fn own_id(ev: &Event) -> bool {
 
 impl History {
     pub fn push(&mut self, ev: Arc<Event>, limits: &Limits, now: Instant) {
-        self.bytes += ev.wire_len();
+        let r = self.retained.get_or_insert_with(Box::default);
+        r.bytes += ev.wire_len();
         if !own_id(&ev) {
-            self.custom_ids.insert(ev.id.clone(), ev.seq);
+            r.custom_ids.insert(ev.id.clone(), ev.seq);
         }
-        self.events.push_back(ev);
+        r.events.push_back(ev);
         self.evict(limits, now);
     }
 
     /// Drop events beyond the count/byte limits or older than the age limit.
     pub fn evict(&mut self, limits: &Limits, now: Instant) {
-        while let Some(front) = self.events.front() {
-            let over = self.events.len() > limits.max_events
-                || self.bytes > limits.max_bytes
+        let Some(r) = self.retained.as_mut() else {
+            return;
+        };
+        while let Some(front) = r.events.front() {
+            let over = r.events.len() > limits.max_events
+                || r.bytes > limits.max_bytes
                 || now.saturating_duration_since(front.at) > limits.max_age;
             if !over {
                 break;
             }
-            self.bytes -= front.wire_len();
+            r.bytes -= front.wire_len();
             self.evicted_upto = front.seq;
-            if self.custom_ids.get(&front.id) == Some(&front.seq) {
-                self.custom_ids.remove(&front.id);
+            if r.custom_ids.get(&front.id) == Some(&front.seq) {
+                r.custom_ids.remove(&front.id);
             }
-            self.events.pop_front();
+            r.events.pop_front();
+        }
+        if r.events.is_empty() {
+            self.retained = None;
         }
     }
 
+    fn events(&self) -> Option<&VecDeque<Arc<Event>>> {
+        self.retained.as_ref().map(|r| &r.events)
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.retained.is_none()
     }
 
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.events().map_or(0, VecDeque::len)
     }
 
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.retained.as_ref().map_or(0, |r| r.bytes)
     }
 
     pub fn oldest(&self) -> Option<&Arc<Event>> {
-        self.events.front()
+        self.events()?.front()
     }
 
     pub fn evicted_upto(&self) -> u64 {
@@ -108,12 +127,13 @@ impl History {
 
     /// The `seq` of the retained event whose wire id is `id`, newest match first.
     pub fn find_id(&self, id: &str) -> Option<u64> {
-        if let Some(&seq) = self.custom_ids.get(id) {
+        let r = self.retained.as_ref()?;
+        if let Some(&seq) = r.custom_ids.get(id) {
             return Some(seq);
         }
         let seq = id.parse::<u64>().ok()?;
-        let k = self.events.partition_point(|e| e.seq < seq);
-        self.events
+        let k = r.events.partition_point(|e| e.seq < seq);
+        r.events
             .get(k)
             .filter(|e| e.seq == seq && &*e.id == id)
             .map(|e| e.seq)
@@ -121,11 +141,17 @@ impl History {
 
     /// Every retained event, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Event>> {
-        self.events.iter()
+        self.events().into_iter().flatten()
     }
 
     /// Rebuild a history from a snapshot (events in `seq` order).
     pub fn restored(events: Vec<Arc<Event>>, evicted_upto: u64) -> History {
+        if events.is_empty() {
+            return History {
+                retained: None,
+                evicted_upto,
+            };
+        }
         let bytes = events.iter().map(|e| e.wire_len()).sum();
         let custom_ids = events
             .iter()
@@ -133,19 +159,21 @@ impl History {
             .map(|e| (e.id.clone(), e.seq))
             .collect();
         History {
-            events: events.into(),
-            bytes,
+            retained: Some(Box::new(Retained {
+                events: events.into(),
+                bytes,
+                custom_ids,
+            })),
             evicted_upto,
-            custom_ids,
         }
     }
 
     /// Retained events with `after < seq <= upto`, in order.
     pub fn range(&self, after: u64, upto: u64) -> impl Iterator<Item = &Arc<Event>> {
-        let start = self.events.partition_point(|e| e.seq <= after);
-        self.events
-            .range(start..)
-            .take_while(move |e| e.seq <= upto)
+        self.events().into_iter().flat_map(move |events| {
+            let start = events.partition_point(|e| e.seq <= after);
+            events.range(start..).take_while(move |e| e.seq <= upto)
+        })
     }
 }
 

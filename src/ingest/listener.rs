@@ -1,21 +1,24 @@
-//! The ingest thread: NDJSON publishers over TCP (`--ingest`) and a Unix socket
-//! (`--ingest-unix`). Each valid line is published through the hub; a bad line gets
-//! `{"error":...,"line":N}` back and is skipped; a publisher that half-closes gets every
-//! reply before the server closes. Publishing never waits on subscribers, only (rarely)
-//! on a worker whose inbox is full. The thread also ages out topic history once a second.
+//! Ingest: NDJSON publishers over TCP (`--ingest`) and a Unix socket (`--ingest-unix`),
+//! served inside the first worker's loop (no thread of its own, so an event costs no
+//! wake-up of another thread on its way to that worker's subscribers). Each valid line
+//! is published through the hub; a bad line gets `{"error":...,"line":N}` back and is
+//! skipped; a publisher that half-closes gets every reply before the server closes.
+//! Publishing never waits on subscribers, only (rarely) on a worker whose inbox is full.
+//! The loop also ages out topic history once a second.
 //! Invariant: a publisher we stopped reading (reply cap, or its turn's budget) is in the
 //! run queue or waits for a writable edge, never for a readable edge that will not come.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::ndjson::{error_reply, parse_line, Command, Framed, LineError, LineFramer};
@@ -25,13 +28,17 @@ use crate::metrics::IngestStats;
 
 const TCP: Token = Token(usize::MAX - 1);
 const UNIX: Token = Token(usize::MAX - 2);
-const WAKER: Token = Token(usize::MAX - 3);
 /// Unanswered reply bytes per publisher before we stop handling its lines.
 const MAX_PENDING_REPLIES: usize = 1 << 20;
 /// Bytes read from one publisher per loop turn before the others get theirs (fairness).
 const READ_BUDGET: usize = 256 << 10;
-/// Longest wait in `poll`, so the janitor and the idle sweep run on time.
-const MAX_POLL_WAIT: Duration = Duration::from_millis(500);
+/// How often topic history is aged out.
+const JANITOR_EVERY: Duration = Duration::from_secs(1);
+/// Readiness events taken per turn.
+const EVENTS: usize = 256;
+/// Input taken in one host step while publishers have more waiting (see
+/// [`Ingest::host_step`]).
+const STEP_BUDGET: usize = 4 << 20;
 /// The one line a connection over `--ingest-max-connections` gets.
 const TOO_MANY: &[u8] = b"{\"error\":\"too many ingest connections\"}\n";
 /// The last line of a connection closed by `--ingest-idle-timeout`.
@@ -87,6 +94,8 @@ struct Publisher {
     queued: bool,
     /// Last byte read from or written to the peer (`--ingest-idle-timeout`).
     active_at: Instant,
+    /// The poller reported the peer's FIN: no later edge will, so reads go on to EOF.
+    fin_seen: bool,
 }
 
 /// What a publisher needs after a visit.
@@ -100,27 +109,7 @@ enum Next {
     Close,
 }
 
-/// Handle to stop the ingest thread.
-pub struct IngestHandle {
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
-}
-
-impl IngestHandle {
-    /// Stop accepting publishers, answer what was already read, and join the thread.
-    pub fn stop(mut self) -> io::Result<()> {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.waker.wake();
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(io::Error::other("ingest thread panicked")),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Bound ingest sockets (bound before the thread starts so errors surface at startup).
+/// Bound ingest sockets (bound before the workers start so errors surface at startup).
 pub struct IngestSockets {
     pub tcp: Option<std::net::TcpListener>,
     pub unix: Option<(std::os::unix::net::UnixListener, PathBuf)>,
@@ -149,40 +138,6 @@ impl IngestSockets {
     }
 }
 
-/// Start the ingest thread.
-pub fn spawn(shared: Arc<Shared>, sockets: IngestSockets) -> io::Result<IngestHandle> {
-    let poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("herald-ingest".into())
-        .spawn(move || {
-            let fallback = IngestStats::default();
-            let stats = shared.stats.first().map_or(&fallback, |w| &w.ingest);
-            let limits = Limits {
-                max_line: shared.config.max_event + 4096,
-                max_connections: shared.config.ingest_max_connections,
-                idle_timeout: shared.config.ingest_idle_timeout,
-            };
-            let mut ingest = Ingest {
-                poll,
-                hub: &shared.hub,
-                stats,
-                limits,
-                pubs: Slab::new(),
-                run_queue: VecDeque::new(),
-                buf: vec![0u8; 64 << 10],
-            };
-            ingest.run(sockets, &stop2)
-        })?;
-    Ok(IngestHandle {
-        stop,
-        waker,
-        thread: Some(thread),
-    })
-}
-
 struct Limits {
     /// Longest line, in bytes.
     max_line: usize,
@@ -190,24 +145,51 @@ struct Limits {
     idle_timeout: Option<Duration>,
 }
 
-/// The ingest thread's state.
-struct Ingest<'a> {
+/// The ingest loop, hosted by a worker: the worker polls [`Ingest::fd`] with its own ring
+/// or poller and calls [`Ingest::turn`] when it is readable or [`Ingest::wait`] says so.
+/// Publishing from the worker that holds a topic's subscribers then costs no wake-up at
+/// all: the worker is awake, and takes the event from its own inbox in the same loop turn.
+pub struct Ingest {
     poll: Poll,
-    hub: &'a Hub,
-    stats: &'a IngestStats,
+    shared: Arc<Shared>,
     limits: Limits,
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
     pubs: Slab<Publisher>,
     /// Publishers to visit without waiting for an event, in turn order.
     run_queue: VecDeque<usize>,
+    events: Events,
+    /// The last poll filled `events`: more may be ready, and an edge-triggered host will
+    /// not be told again.
+    more_events: bool,
     buf: Vec<u8>,
+    /// Bytes read in the current host step.
+    step_read: usize,
+    janitor_at: Instant,
+    /// Sweep often enough that a connection is cut within a quarter of the timeout.
+    sweep_every: Option<Duration>,
+    sweep_at: Instant,
+    /// Told once everything read before the stop is published (see [`Ingest::stop`]).
+    done: Option<mpsc::Sender<()>>,
 }
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-impl Ingest<'_> {
-    fn run(&mut self, sockets: IngestSockets, stop: &AtomicBool) -> io::Result<()> {
+/// The counters ingest bumps (the first worker's block: one set for the process).
+fn stats(shared: &Shared) -> &IngestStats {
+    &shared.stats[0].ingest
+}
+
+impl Ingest {
+    /// Register the listeners; `done` is told when [`Ingest::stop`] has finished.
+    pub fn new(
+        shared: Arc<Shared>,
+        sockets: IngestSockets,
+        done: mpsc::Sender<()>,
+    ) -> io::Result<Ingest> {
+        let poll = Poll::new()?;
         let mut tcp = sockets
             .tcp
             .map(|l| l.set_nonblocking(true).map(|_| TcpListener::from_std(l)))
@@ -220,101 +202,180 @@ impl Ingest<'_> {
             None => None,
         };
         if let Some(l) = tcp.as_mut() {
-            self.poll.registry().register(l, TCP, Interest::READABLE)?;
+            poll.registry().register(l, TCP, Interest::READABLE)?;
             tracing::info!(addr = %l.local_addr()?, "ingest listening (tcp)");
         }
         if let Some((l, path)) = unix.as_mut() {
-            self.poll.registry().register(l, UNIX, Interest::READABLE)?;
+            poll.registry().register(l, UNIX, Interest::READABLE)?;
             tracing::info!(path = %path.display(), "ingest listening (unix)");
         }
-        let mut events = Events::with_capacity(256);
-        let mut janitor_at = Instant::now() + Duration::from_secs(1);
-        // Sweep often enough that a connection is cut within a quarter of the timeout.
-        let sweep_every = self
-            .limits
-            .idle_timeout
-            .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
-        let mut sweep_at = Instant::now();
-        loop {
-            let now = Instant::now();
-            let wait = if self.run_queue.is_empty() {
-                let next = sweep_every.map_or(janitor_at, |_| sweep_at.min(janitor_at));
-                next.saturating_duration_since(now).min(MAX_POLL_WAIT)
-            } else {
-                Duration::ZERO
-            };
-            match self.poll.poll(&mut events, Some(wait)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            for ev in events.iter() {
-                match ev.token() {
-                    WAKER => {}
-                    TCP => {
-                        while let Some(l) = tcp.as_ref() {
-                            match l.accept() {
-                                Ok((s, _)) => self.admit(Stream::Tcp(s)),
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "ingest accept failed");
-                                    break;
-                                }
+        let limits = Limits {
+            max_line: shared.config.max_event + 4096,
+            max_connections: shared.config.ingest_max_connections,
+            idle_timeout: shared.config.ingest_idle_timeout,
+        };
+        let now = Instant::now();
+        Ok(Ingest {
+            poll,
+            sweep_every: limits
+                .idle_timeout
+                .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))),
+            limits,
+            shared,
+            tcp,
+            unix,
+            pubs: Slab::new(),
+            run_queue: VecDeque::new(),
+            events: Events::with_capacity(EVENTS),
+            more_events: false,
+            buf: vec![0u8; 64 << 10],
+            step_read: 0,
+            janitor_at: now + JANITOR_EVERY,
+            sweep_at: now,
+            done: Some(done),
+        })
+    }
+
+    /// The descriptor the host polls for readability (the ingest's own epoll set).
+    pub fn fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+
+    /// How long the host may wait before the next [`Ingest::turn`] if [`Ingest::fd`]
+    /// stays quiet: zero while publishers wait for their turn.
+    pub fn wait(&self, now: Instant) -> Duration {
+        if !self.run_queue.is_empty() || self.more_events {
+            return Duration::ZERO;
+        }
+        let next = match self.sweep_every {
+            Some(_) => self.sweep_at.min(self.janitor_at),
+            None => self.janitor_at,
+        };
+        next.saturating_duration_since(now)
+    }
+
+    /// One turn: take the ready events without blocking, give every queued publisher its
+    /// read budget, sweep idle connections and age out history when due. `make_room` is
+    /// called while a publish waits for room in a full inbox (the host's own, which only
+    /// the host can empty).
+    pub fn turn(&mut self, make_room: &mut dyn FnMut()) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => self.events.clear(),
+            Err(e) => return Err(e),
+        }
+        let mut n = 0;
+        let mut tokens = [(Token(0), false); EVENTS];
+        for ev in self.events.iter() {
+            tokens[n] = (ev.token(), ev.is_read_closed());
+            n += 1;
+        }
+        self.more_events = n == EVENTS;
+        for &(token, fin) in &tokens[..n] {
+            match token {
+                TCP => {
+                    while let Some(l) = self.tcp.as_ref() {
+                        match l.accept() {
+                            Ok((s, _)) => self.admit(Stream::Tcp(s)),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "ingest accept failed");
+                                break;
                             }
                         }
                     }
-                    UNIX => {
-                        while let Some((l, _)) = unix.as_ref() {
-                            match l.accept() {
-                                Ok((s, _)) => self.admit(Stream::Unix(s)),
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "ingest accept failed");
-                                    break;
-                                }
+                }
+                UNIX => {
+                    while let Some((l, _)) = self.unix.as_ref() {
+                        match l.accept() {
+                            Ok((s, _)) => self.admit(Stream::Unix(s)),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "ingest accept failed");
+                                break;
                             }
                         }
                     }
-                    Token(k) => self.schedule(k),
+                }
+                Token(k) => {
+                    if let Some(p) = self.pubs.get_mut(k) {
+                        p.fin_seen |= fin;
+                    }
+                    self.schedule(k)
                 }
             }
-            self.turn(READ_BUDGET);
-            let now = Instant::now();
-            if let (Some(every), Some(idle)) = (sweep_every, self.limits.idle_timeout) {
-                if now >= sweep_at {
-                    self.close_idle(now, idle);
-                    sweep_at = now + every;
-                }
+        }
+        self.visit(READ_BUDGET, make_room);
+        let now = Instant::now();
+        if let (Some(every), Some(idle)) = (self.sweep_every, self.limits.idle_timeout) {
+            if now >= self.sweep_at {
+                self.close_idle(now, idle);
+                self.sweep_at = now + every;
             }
-            if now >= janitor_at {
-                self.hub.janitor();
-                janitor_at = Instant::now() + Duration::from_secs(1);
+        }
+        if now >= self.janitor_at {
+            self.shared.hub.janitor();
+            self.janitor_at = Instant::now() + JANITOR_EVERY;
+        }
+        Ok(())
+    }
+
+    /// The host's step, once per loop turn and before it takes its own inbox: stop when
+    /// shutdown asks for it, else turn when [`Ingest::fd`] was `readable` or timed work is
+    /// due. Returns false once stopped; the host then drops it.
+    pub fn host_step(
+        &mut self,
+        readable: bool,
+        now: Instant,
+        make_room: &mut dyn FnMut(),
+    ) -> io::Result<bool> {
+        if self.shared.ingest_stop.load(Ordering::Acquire)
+            || self.shared.stop.load(Ordering::Acquire)
+        {
+            self.stop(make_room);
+            return Ok(false);
+        }
+        if readable || self.wait(now).is_zero() {
+            self.step_read = 0;
+            self.turn(make_room)?;
+            // Behind (publishers still have input waiting): keep taking it, up to
+            // STEP_BUDGET, before the host writes. A backlog's events then leave together,
+            // several to a stream in one write where a stream has several, instead of one
+            // write per event. A lone event still goes out at once: nothing waits for more.
+            while !self.run_queue.is_empty() && self.step_read < STEP_BUDGET {
+                self.visit(READ_BUDGET, make_room);
             }
-            if stop.load(Ordering::Acquire) {
-                // Stop accepting; publishers already connected get their pending lines handled.
-                if let Some(mut l) = tcp.take() {
-                    let _ = self.poll.registry().deregister(&mut l);
-                }
-                if let Some((mut l, path)) = unix.take() {
-                    let _ = self.poll.registry().deregister(&mut l);
-                    let _ = std::fs::remove_file(path);
-                }
-                let keys: Vec<usize> = self.pubs.iter().map(|(k, _)| k).collect();
-                for k in keys {
-                    let _ = self.serve(k, usize::MAX);
-                    let _ = flush(&mut self.pubs[k]);
-                    self.close(k);
-                }
-                tracing::info!("ingest stopped");
-                return Ok(());
-            }
+        }
+        Ok(true)
+    }
+
+    /// Stop accepting; the lines publishers already sent are handled and answered, then
+    /// every ingest connection is closed and `done` is told.
+    pub fn stop(&mut self, make_room: &mut dyn FnMut()) {
+        if let Some(mut l) = self.tcp.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        if let Some((mut l, path)) = self.unix.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+            let _ = std::fs::remove_file(path);
+        }
+        let keys: Vec<usize> = self.pubs.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let _ = self.serve(k, usize::MAX, make_room);
+            let _ = flush(&mut self.pubs[k]);
+            self.close(k);
+        }
+        self.run_queue.clear();
+        tracing::info!("ingest stopped");
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
         }
     }
 
     /// A new connection: served, or over `--ingest-max-connections` told so and closed.
     fn admit(&mut self, mut stream: Stream) {
         if self.pubs.len() >= self.limits.max_connections {
-            bump(&self.stats.connections_refused);
+            bump(&stats(&self.shared).connections_refused);
             // A fresh socket's send buffer is empty: the line goes out in one write.
             let _ = stream.write(TOO_MANY);
             stream.shutdown_write();
@@ -348,9 +409,11 @@ impl Ingest<'_> {
             lines_pending: false,
             queued: false,
             active_at: Instant::now(),
+            fin_seen: false,
         });
-        bump(&self.stats.connections_accepted);
-        self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        let st = stats(&self.shared);
+        bump(&st.connections_accepted);
+        st.connections_open.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Queue publisher `k` for this turn (once).
@@ -365,7 +428,7 @@ impl Ingest<'_> {
 
     /// Visit every queued publisher once, each with `budget` bytes of reading; those with
     /// more to do go to the back of the queue for the next turn.
-    fn turn(&mut self, budget: usize) {
+    fn visit(&mut self, budget: usize, make_room: &mut dyn FnMut()) {
         for _ in 0..self.run_queue.len() {
             let Some(k) = self.run_queue.pop_front() else {
                 break;
@@ -374,7 +437,7 @@ impl Ingest<'_> {
                 continue;
             };
             p.queued = false;
-            match self.serve(k, budget) {
+            match self.serve(k, budget, make_room) {
                 Next::Wait => {}
                 Next::Again => self.schedule(k),
                 Next::Close => self.close(k),
@@ -383,9 +446,9 @@ impl Ingest<'_> {
     }
 
     /// Read (up to `budget` bytes), publish, reply.
-    fn serve(&mut self, k: usize, budget: usize) -> Next {
+    fn serve(&mut self, k: usize, budget: usize, make_room: &mut dyn FnMut()) -> Next {
         let now = Instant::now();
-        let (hub, stats) = (self.hub, self.stats);
+        let (hub, stats) = (&self.shared.hub, stats(&self.shared));
         let Some(p) = self.pubs.get_mut(k) else {
             return Next::Close;
         };
@@ -396,7 +459,7 @@ impl Ingest<'_> {
             Err(_) => return Next::Close,
         }
         if p.lines_pending {
-            handle_lines(hub, stats, p);
+            handle_lines(hub, stats, p, make_room);
         }
         let mut read = 0usize;
         while !p.eof && !p.lines_pending {
@@ -413,7 +476,14 @@ impl Ingest<'_> {
                     read += n;
                     p.active_at = now;
                     p.framer.push(&self.buf[..n]);
-                    handle_lines(hub, stats, p);
+                    handle_lines(hub, stats, p, make_room);
+                    if n < self.buf.len() && !p.fin_seen {
+                        // A short read emptied the socket: whatever arrives later (a FIN
+                        // too) raises a new edge, so the read that would only say
+                        // `WouldBlock` is saved (one syscall per event at low rates).
+                        p.unread = false;
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     p.unread = false;
@@ -430,7 +500,7 @@ impl Ingest<'_> {
             let max_line = p.max_line;
             let mut batch = hub.batch();
             while let Some(f) = p.framer.finish() {
-                handle_line(&mut batch, hub, stats, f, &mut p.out, max_line);
+                handle_line(&mut batch, hub, stats, f, &mut p.out, max_line, make_room);
             }
         }
         match flush(p) {
@@ -438,6 +508,7 @@ impl Ingest<'_> {
             Ok(_) => p.active_at = now,
             Err(_) => return Next::Close,
         }
+        self.step_read += read;
         if p.eof && !p.lines_pending && p.out.is_empty() {
             Next::Close
         } else if p.unread && p.out.len() < MAX_PENDING_REPLIES {
@@ -458,7 +529,7 @@ impl Ingest<'_> {
             .map(|(k, _)| k)
             .collect();
         for k in idle_keys {
-            bump(&self.stats.idle_timeouts);
+            bump(&stats(&self.shared).idle_timeouts);
             let p = &mut self.pubs[k];
             p.out.extend(IDLE);
             let _ = flush(p);
@@ -470,15 +541,17 @@ impl Ingest<'_> {
         if self.pubs.contains(k) {
             let mut p = self.pubs.remove(k);
             let _ = self.poll.registry().deregister(p.stream.source());
-            self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+            stats(&self.shared)
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Handle the framer's complete lines until the reply cap; past it the rest wait in the
-/// framer (`lines_pending`), so replies held stay near the cap.
-/// Handle the lines framed so far as one batch: each worker is woken once for them.
-fn handle_lines(hub: &Hub, stats: &IngestStats, p: &mut Publisher) {
+/// Handle the lines framed so far as one batch (each worker is woken once for them), up
+/// to the reply cap; past it the rest wait in the framer (`lines_pending`), so replies
+/// held stay near the cap.
+fn handle_lines(hub: &Hub, stats: &IngestStats, p: &mut Publisher, make_room: &mut dyn FnMut()) {
     let max_line = p.max_line;
     let mut batch = hub.batch();
     loop {
@@ -490,7 +563,7 @@ fn handle_lines(hub: &Hub, stats: &IngestStats, p: &mut Publisher) {
             p.lines_pending = false;
             return;
         };
-        handle_line(&mut batch, hub, stats, f, &mut p.out, max_line);
+        handle_line(&mut batch, hub, stats, f, &mut p.out, max_line, make_room);
     }
 }
 
@@ -501,13 +574,17 @@ fn handle_line(
     f: Framed<'_>,
     out: &mut VecDeque<u8>,
     max_line: usize,
+    make_room: &mut dyn FnMut(),
 ) {
     let (no, result) = match f {
         Framed::Line { no, line } => (no, parse_line(line)),
         Framed::TooLong { no } => (no, Err(LineError::LineTooLong { max: max_line })),
     };
     let err = match result {
-        Ok(Command::Publish(p)) => batch.publish(p).err().map(LineError::Invalid),
+        Ok(Command::Publish(p)) => batch
+            .publish_making_room(p, make_room)
+            .err()
+            .map(LineError::Invalid),
         Ok(Command::CloseTopic(t)) => {
             // In order with the events before it: those workers are woken first.
             batch.flush();

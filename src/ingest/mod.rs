@@ -1,4 +1,5 @@
-//! Ingest: NDJSON framing and parsing, and the thread that serves publishers.
+//! Ingest: NDJSON framing and parsing, and the loop (hosted by the first worker) that
+//! serves publishers.
 
 pub mod listener;
 pub mod ndjson;
