@@ -202,6 +202,18 @@ pub fn render(hub: &Hub, workers: &[std::sync::Arc<WorkerStats>], backend: &str)
             s.topics_closed.load(Ordering::Relaxed),
         ),
         (
+            "worker_wakeups_total",
+            "counter",
+            "Parked workers woken by a publisher (once per batch of events, never per delivery)",
+            s.wakeups.load(Ordering::Relaxed),
+        ),
+        (
+            "history_janitor_last_microseconds",
+            "gauge",
+            "How long the last once-a-second history pass (age eviction, forgetting empty topics) held the hub lock",
+            s.janitor_micros.load(Ordering::Relaxed),
+        ),
+        (
             "history_topics",
             "gauge",
             "Topics herald keeps state for: retained history, a close marker or subscribers (bounded by --history-topics)",

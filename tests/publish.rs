@@ -126,3 +126,28 @@ fn an_overlong_ingest_line_gets_an_error_and_the_connection_survives() {
     assert_eq!(c.wait_events(1)[0].data, "small");
     s.stop();
 }
+
+/// The worker that hosts ingest publishes for its own subscribers without waking anyone:
+/// no other thread is on the path, and it skips its own eventfd (it is awake).
+#[test]
+fn events_for_the_ingest_workers_own_subscribers_wake_no_thread() {
+    const N: usize = 500;
+    let Some(s) = start(|c| c.workers = 1) else {
+        return;
+    };
+    let mut c = Client::subscribe(s.addr, "/events/own");
+    wait_streams(s.addr, 1);
+    // Several connections and reads, so several batches.
+    for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
+        let lines: Vec<String> = chunk
+            .iter()
+            .map(|i| event_line("own", &i.to_string()))
+            .collect();
+        assert!(ingest(s.ingest, &lines).is_empty());
+    }
+    let got: Vec<String> = c.wait_events(N).iter().map(|e| e.data.clone()).collect();
+    assert_eq!(got, (0..N).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(metric(s.addr, "herald_events_ingested_total"), N as u64);
+    assert_eq!(metric(s.addr, "herald_worker_wakeups_total"), 0);
+    s.stop();
+}

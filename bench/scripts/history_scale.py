@@ -125,7 +125,7 @@ def main():
             times.append(time.perf_counter() - t)
         topics = metric(text, "herald_history_topics")
         hist_bytes = metric(text, "herald_history_bytes")
-        janitor = metric(text, "herald_history_janitor_last_seconds")
+        janitor = metric(text, "herald_history_janitor_last_microseconds")
 
         def q(xs, p):
             xs = sorted(xs)
@@ -140,7 +140,7 @@ def main():
               f"p99 {q(base_times, 0.99)*1e6:.0f} µs; with {a.topics} topics median "
               f"{statistics.median(times)*1e6:.0f} µs p99 {q(times, 0.99)*1e6:.0f} µs")
         if janitor is not None:
-            print(f"history janitor: last pass held the hub lock {janitor*1e3:.2f} ms")
+            print(f"history janitor: last pass held the hub lock {janitor/1e3:.2f} ms")
     finally:
         srv.terminate()
         try:

@@ -6,8 +6,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use smallvec::SmallVec;
-
 use super::{flag, frame_of, ConnId, Core, Phase, Sub, Subs};
 use crate::fanout::bus::BusMsg;
 use crate::fanout::table::NameTable;
@@ -31,12 +29,76 @@ pub(super) struct SubRef {
 /// caught up holds no allocation: one subscriber is inline and the log is boxed, made by
 /// the first event and dropped once every local cursor has passed its last entry.
 pub(super) struct LocalTopic {
-    pub(super) subs: SmallVec<[SubRef; 1]>,
+    pub(super) subs: SubList,
     log: Option<Box<Log>>,
     /// Absolute index of the log's first entry (the end, when there is no log).
     base: u64,
     /// The last `retry` an event of this topic carried (the drain hint never goes below).
     pub(super) last_retry: Option<u32>,
+}
+
+/// A local topic's subscribers: one inline (16 bytes, the per-user case), more boxed.
+#[derive(Debug)]
+pub(super) enum SubList {
+    Empty,
+    One(SubRef),
+    // Boxed on purpose: the inline record stays 16 bytes (a `Vec` would make it 24).
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<SubRef>>),
+}
+
+impl SubList {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            SubList::Empty => 0,
+            SubList::One(_) => 1,
+            SubList::Many(v) => v.len(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(super) fn get(&self, i: usize) -> Option<&SubRef> {
+        match self {
+            SubList::Empty => None,
+            SubList::One(s) => (i == 0).then_some(s),
+            SubList::Many(v) => v.get(i),
+        }
+    }
+
+    pub(super) fn iter(&self) -> std::slice::Iter<'_, SubRef> {
+        match self {
+            SubList::Empty => [].iter(),
+            SubList::One(s) => std::slice::from_ref(s).iter(),
+            SubList::Many(v) => v.iter(),
+        }
+    }
+
+    pub(super) fn push(&mut self, s: SubRef) {
+        match self {
+            SubList::Empty => *self = SubList::One(s),
+            SubList::One(first) => *self = SubList::Many(Box::new(vec![*first, s])),
+            SubList::Many(v) => v.push(s),
+        }
+    }
+
+    pub(super) fn swap_remove(&mut self, i: usize) {
+        match self {
+            SubList::Empty => debug_assert!(false, "swap_remove on no subscribers"),
+            SubList::One(_) => {
+                debug_assert_eq!(i, 0);
+                *self = SubList::Empty;
+            }
+            SubList::Many(v) => {
+                v.swap_remove(i);
+                if v.len() == 1 {
+                    *self = SubList::One(v[0]);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -49,7 +111,7 @@ struct Log {
 impl LocalTopic {
     pub(super) fn new(last_retry: Option<u32>) -> LocalTopic {
         LocalTopic {
-            subs: SmallVec::new(),
+            subs: SubList::Empty,
             log: None,
             base: 0,
             last_retry,
@@ -164,7 +226,7 @@ impl<H> Core<H> {
         let end = topic.end_bytes();
         let topic = &self.topics[t as usize];
         let mut min_cursor = topic.end();
-        for sref in &topic.subs {
+        for sref in topic.subs.iter() {
             let Some(conn) = self.conns.get_mut(sref.conn as usize) else {
                 continue;
             };

@@ -2,13 +2,12 @@
 //! one-off responses and new subscriptions out. A subscription asks the hub for its replay
 //! up to the last event this worker has taken, so replay and live delivery meet exactly.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
 use super::fanout::{LocalTopic, SubRef};
 use super::{flag, piece, ConnId, Core, Phase, ReadBuf, ReadOutcome, Sub, Subs, DEMO_PAGE};
 use crate::fanout::bus::PublishFailure;
+use crate::fanout::table::TopicName;
 use crate::http::request::{parse_head, HttpError, Parsed, Request, Route};
 use crate::http::response;
 use crate::sse::event::{Publish, PublishError};
@@ -434,7 +433,7 @@ impl<H> Core<H> {
     }
 
     /// The worker's topic `name`, created with the hub's last `retry` for it if new.
-    pub(super) fn local_topic(&mut self, name: &Arc<str>, last_retry: Option<u32>) -> u32 {
+    pub(super) fn local_topic(&mut self, name: &TopicName, last_retry: Option<u32>) -> u32 {
         self.topics
             .get_or_insert_with(name, || LocalTopic::new(last_retry))
     }

@@ -180,6 +180,41 @@ impl Subs {
     }
 }
 
+/// A connection's `pre` frames: boxed, made by the first frame and dropped with the last,
+/// so an idle stream holds one pointer (a deque inline would be 32 bytes).
+#[derive(Debug, Default)]
+// Boxed on purpose: 8 bytes in every connection record instead of 32.
+#[allow(clippy::box_collection)]
+pub(crate) struct Pre(Option<Box<VecDeque<Bytes>>>);
+
+impl Pre {
+    fn push_back(&mut self, f: Bytes) {
+        self.0.get_or_insert_with(Box::default).push_back(f);
+    }
+
+    /// INVARIANT: the box exists only while it holds a frame.
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn front(&self) -> Option<&Bytes> {
+        self.0.as_ref()?.front()
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        let q = self.0.as_mut()?;
+        let f = q.pop_front();
+        if q.is_empty() {
+            self.0 = None;
+        }
+        f
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+}
+
 /// Bytes read but not yet consumed (partial head, publish body, pipelined request).
 #[derive(Debug, Default)]
 struct ReadBuf {
@@ -203,7 +238,7 @@ pub struct Conn<H> {
     /// Per-connection frames written before live events: response head, gap signal,
     /// replay, keep-alive, trailer. Only appended to at a frame boundary (see the module
     /// comment).
-    pre: VecDeque<Bytes>,
+    pre: Pre,
     rbuf: Option<Box<ReadBuf>>,
     /// A resume still being replayed: batches go into `pre` as it drains, and live frames
     /// wait until it is done.
@@ -393,7 +428,7 @@ impl<H> Core<H> {
             off: 0,
             progress: 0,
             subs: Subs::None,
-            pre: VecDeque::new(),
+            pre: Pre::default(),
             rbuf: None,
             replay: None,
         }) as ConnId;

@@ -3,7 +3,6 @@
 //! how a completed or partial write moves the connection on. At most one write per
 //! connection is in flight; `off` is the only state a partial write leaves behind.
 
-use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use super::fanout::{consume_live, walk_live};
@@ -83,7 +82,7 @@ impl<H> Core<H> {
             n < MAX_IOVECS && total < MAX_WRITE_BYTES
         };
         let mut room = true;
-        for f in &conn.pre {
+        for f in conn.pre.iter() {
             room = push(f);
             if !room {
                 break;
@@ -157,10 +156,6 @@ impl<H> Core<H> {
             }
             left -= f.len();
             conn.pre.pop_front();
-        }
-        if conn.pre.is_empty() && conn.pre.capacity() > 0 {
-            // An idle subscriber keeps no buffer: give the deque's allocation back.
-            conn.pre = VecDeque::new();
         }
         if left > 0 {
             let http10 = conn.has(flag::HTTP10);

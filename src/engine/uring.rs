@@ -45,6 +45,8 @@ const ACCEPTS: usize = 16;
 const BUF_COUNT: u16 = 256;
 const BUF_SIZE: usize = 2048;
 const BGID: u16 = 7;
+/// Completions taken from a ring at a time.
+const CQE_CHUNK: usize = 1024;
 /// Iovec blocks kept for reuse; beyond this a burst's blocks are freed when it is over.
 const SEND_POOL_MAX: usize = 1024;
 /// How long a worker's exit waits for cancelled operations to complete.
@@ -82,10 +84,21 @@ pub struct UConn {
     slot: u32,
     /// Operations submitted whose final completion has not arrived.
     ops: u8,
-    recv_armed: bool,
-    closing: bool,
+    /// `RECV_ARMED` | `CLOSING` (one byte, so the record is 16 bytes, not 24).
+    state: u8,
     /// The iovec block of the send in flight, if it has more than one frame.
     send: Option<Box<SendBuf>>,
+}
+
+/// `UConn::state`: a multishot recv is armed.
+const RECV_ARMED: u8 = 1;
+/// `UConn::state`: the close has started; nothing new is armed.
+const CLOSING: u8 = 2;
+
+impl UConn {
+    fn closing(&self) -> bool {
+        self.state & CLOSING != 0
+    }
 }
 
 /// What a `SENDMSG` points at. Boxed so its address is stable while the kernel reads it.
@@ -359,7 +372,7 @@ pub fn run(
         send_pool: Vec::new(),
         rearm: Vec::new(),
         accept_stalled: false,
-        cqes: Vec::with_capacity(1024),
+        cqes: Vec::with_capacity(CQE_CHUNK),
         ingest,
         ingest_armed: false,
         ingest_readable: true,
@@ -458,17 +471,25 @@ impl Driver {
                 // Runs the shard's deferred completion work (DEFER_TASKRUN).
                 self.shards[k].submit(0, Duration::ZERO)?;
             }
+            // In chunks: a connect storm can fill the whole completion queue, and a
+            // buffer sized for it would stay resident for good.
             let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.extend(
-                self.shards[k]
-                    .ring
-                    .completion()
-                    .map(|e| (e.user_data(), e.result(), e.flags())),
-            );
-            for &(ud, res, flags) in &cqes {
-                self.dispatch(k, ud, res, flags);
+            loop {
+                cqes.extend(
+                    self.shards[k]
+                        .ring
+                        .completion()
+                        .take(CQE_CHUNK)
+                        .map(|e| (e.user_data(), e.result(), e.flags())),
+                );
+                if cqes.is_empty() {
+                    break;
+                }
+                for &(ud, res, flags) in &cqes {
+                    self.dispatch(k, ud, res, flags);
+                }
+                cqes.clear();
             }
-            cqes.clear();
             self.cqes = cqes;
         }
         Ok(())
@@ -528,8 +549,7 @@ impl Driver {
                 shard: shard as u16,
                 slot: res as u32,
                 ops: 0,
-                recv_armed: false,
-                closing: false,
+                state: 0,
                 send: None,
             };
             let c = self.core.handle_accept(conn, peer);
@@ -583,10 +603,10 @@ impl Driver {
         if !more {
             if let Some(conn) = self.core.conn_mut(c) {
                 conn.handle.ops -= 1;
-                conn.handle.recv_armed = false;
+                conn.handle.state &= !RECV_ARMED;
             }
         }
-        let closing = self.core.conn(c).is_some_and(|cn| cn.handle.closing);
+        let closing = self.core.conn(c).is_some_and(|cn| cn.handle.closing());
         if res > 0 {
             if let Some(bid) = bid {
                 if !closing {
@@ -617,7 +637,7 @@ impl Driver {
         };
         conn.handle.ops -= 1;
         let buf = conn.handle.send.take();
-        let closing = conn.handle.closing;
+        let closing = conn.handle.closing();
         if let Some(buf) = buf {
             self.recycle_send_buf(buf);
         }
@@ -760,10 +780,10 @@ impl Driver {
         let Some(conn) = self.core.conn_mut(c) else {
             return;
         };
-        if conn.handle.recv_armed || conn.handle.closing {
+        if conn.handle.state & (RECV_ARMED | CLOSING) != 0 {
             return;
         }
-        conn.handle.recv_armed = true;
+        conn.handle.state |= RECV_ARMED;
         conn.handle.ops += 1;
         let entry = opcode::RecvMulti::new(Fixed(conn.handle.slot), BGID)
             .build()
@@ -851,10 +871,10 @@ impl Driver {
         let Some(conn) = self.core.conn_mut(c) else {
             return;
         };
-        if conn.handle.closing {
+        if conn.handle.closing() {
             return;
         }
-        conn.handle.closing = true;
+        conn.handle.state |= CLOSING;
         let (slot, gen, shard) = (conn.handle.slot, conn.gen, conn.handle.shard as usize);
         let had_ops = conn.handle.ops > 0;
         conn.handle.ops += 1;
@@ -877,7 +897,7 @@ impl Driver {
         if self
             .core
             .conn(c)
-            .is_some_and(|cn| cn.handle.closing && cn.handle.ops == 0)
+            .is_some_and(|cn| cn.handle.closing() && cn.handle.ops == 0)
         {
             if let Some(buf) = self.core.release(c).and_then(|h| h.send) {
                 self.recycle_send_buf(buf);

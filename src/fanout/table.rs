@@ -1,21 +1,26 @@
 //! A table of topics by name, for the hub and for each worker: entries live in a slab
 //! (dense, stable `u32` ids) and a hash index holds only those ids, 4 bytes a bucket.
-//! A `HashMap<Arc<str>, T>` would hold the name and the whole value in every bucket,
-//! and a hash table is never full: at a typical load its empty buckets cost more than
-//! the entries themselves. Here the empty buckets cost 5 bytes each, and the slab's
-//! capacity beyond its last entry is never touched, so it takes no resident memory.
+//! A `HashMap<name, T>` would hold the name and the whole value in every bucket, and a
+//! hash table is never full: at a typical load its empty buckets cost more than the
+//! entries themselves. Here the empty buckets cost 5 bytes each, and the slab's capacity
+//! beyond its last entry is never touched, so it takes no resident memory.
+//!
+//! Names are [`TopicName`]s: up to 23 bytes inline (a per-user topic such as `user-12345`
+//! needs no allocation at all), longer ones shared by reference count.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::ops::{Index, IndexMut};
-use std::sync::Arc;
 
 use hashbrown::HashTable;
 use slab::Slab;
 
+/// A topic name: cheap to clone, inline up to 23 bytes.
+pub type TopicName = smol_str::SmolStr;
+
 pub struct NameTable<T> {
     index: HashTable<u32>,
-    slots: Slab<(Arc<str>, T)>,
+    slots: Slab<(TopicName, T)>,
     hasher: RandomState,
 }
 
@@ -59,7 +64,7 @@ impl<T> NameTable<T> {
     }
 
     /// The table's shared name for `name`, and its entry.
-    pub fn get_key_value(&self, name: &str) -> Option<(&Arc<str>, &T)> {
+    pub fn get_key_value(&self, name: &str) -> Option<(&TopicName, &T)> {
         self.id(name).map(|i| {
             let (k, v) = &self.slots[i as usize];
             (k, v)
@@ -67,12 +72,12 @@ impl<T> NameTable<T> {
     }
 
     /// The name of entry `id`.
-    pub fn name(&self, id: u32) -> &Arc<str> {
+    pub fn name(&self, id: u32) -> &TopicName {
         &self.slots[id as usize].0
     }
 
     /// The entry for `name`, made with `make` if there is none; returns its id.
-    pub fn get_or_insert_with(&mut self, name: &Arc<str>, make: impl FnOnce() -> T) -> u32 {
+    pub fn get_or_insert_with(&mut self, name: &TopicName, make: impl FnOnce() -> T) -> u32 {
         if let Some(i) = self.id(name) {
             return i;
         }
@@ -85,7 +90,7 @@ impl<T> NameTable<T> {
     }
 
     /// Remove entry `id`, returning its name and value.
-    pub fn remove_at(&mut self, id: u32) -> (Arc<str>, T) {
+    pub fn remove_at(&mut self, id: u32) -> (TopicName, T) {
         let h = self.hasher.hash_one(&*self.slots[id as usize].0);
         if let Ok(e) = self.index.find_entry(h, |&i| i == id) {
             e.remove();
@@ -98,7 +103,7 @@ impl<T> NameTable<T> {
     }
 
     /// Keep only the entries `keep` returns true for.
-    pub fn retain(&mut self, mut keep: impl FnMut(&Arc<str>, &mut T) -> bool) {
+    pub fn retain(&mut self, mut keep: impl FnMut(&TopicName, &mut T) -> bool) {
         let gone: Vec<u32> = self
             .slots
             .iter_mut()
@@ -109,7 +114,7 @@ impl<T> NameTable<T> {
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &T)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&TopicName, &T)> {
         self.slots.iter().map(|(_, (k, v))| (k, v))
     }
 }
@@ -134,7 +139,9 @@ mod tests {
     #[test]
     fn ids_stay_put_across_removals_and_names_are_found_again() {
         let mut t = NameTable::default();
-        let names: Vec<Arc<str>> = (0..1000).map(|i| format!("user-{i}").into()).collect();
+        let names: Vec<TopicName> = (0..1000)
+            .map(|i| TopicName::new(format!("user-{i}")))
+            .collect();
         let ids: Vec<u32> = names
             .iter()
             .map(|n| t.get_or_insert_with(n, || n.len()))

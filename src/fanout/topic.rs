@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::table::TopicName;
 use crate::sse::encode::Frame;
 
 /// One published event, encoded once. Shared by the history and every worker.
@@ -15,7 +16,7 @@ pub struct Event {
     /// Process-wide publish order; time-based so it keeps increasing across restarts.
     pub seq: u64,
     /// Topic name, shared with the hub's registry.
-    pub topic: Arc<str>,
+    pub topic: TopicName,
     /// The `id:` sent on the wire (publisher's own, or `seq` in decimal).
     pub id: Box<str>,
     /// SSE wire bytes with their chunk framing.
