@@ -114,6 +114,36 @@ impl<T> NameTable<T> {
         }
     }
 
+    /// [`NameTable::retain`] over at most `max` entries, starting at slot `start` and
+    /// wrapping around (never visiting a slot twice; vacant slots are passed over). Returns
+    /// where the next slice starts.
+    pub fn retain_slice(
+        &mut self,
+        start: usize,
+        max: usize,
+        mut keep: impl FnMut(&TopicName, &mut T) -> bool,
+    ) -> usize {
+        let cap = self.slots.capacity();
+        if cap == 0 {
+            return 0;
+        }
+        let mut id = start % cap;
+        let mut seen = 0;
+        for _ in 0..cap {
+            if seen == max {
+                break;
+            }
+            if let Some((k, v)) = self.slots.get_mut(id) {
+                seen += 1;
+                if !keep(k, v) {
+                    self.remove_at(id as u32);
+                }
+            }
+            id = (id + 1) % cap;
+        }
+        id
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&TopicName, &T)> {
         self.slots.iter().map(|(_, (k, v))| (k, v))
     }
@@ -165,6 +195,19 @@ mod tests {
             }
         }
         assert_eq!(t.len(), t.iter().count());
+        // Slices of 100 from anywhere visit every entry once per full turn.
+        let mut seen = std::collections::HashMap::new();
+        let mut at = 517;
+        for _ in 0..(t.slots.capacity() / 100 + 1) {
+            at = t.retain_slice(at, 100, |k, _| {
+                *seen.entry(k.clone()).or_insert(0) += 1;
+                true
+            });
+        }
+        assert_eq!(seen.len(), t.len());
+        assert!(seen.values().all(|&n| n <= 2));
+        t.retain_slice(0, usize::MAX, |k, _| !k.ends_with('7'));
+        assert!(t.iter().all(|(k, _)| !k.ends_with('7')));
         assert!(t.get("user-1000").is_none());
     }
 }
