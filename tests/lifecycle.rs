@@ -30,6 +30,48 @@ fn sigterm_flushes_every_acknowledged_event_and_exits_zero() {
     assert!(code.success(), "exit status {code:?}");
 }
 
+/// Lines a publisher sent just before SIGTERM, to topics whose subscribers are spread
+/// over both workers, all reach them, and every stream then ends cleanly (ingest runs
+/// inside the first worker; shutdown stops it before the workers drain).
+#[test]
+fn sigterm_publishes_the_ingest_lines_already_sent_before_the_streams_end() {
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ingest_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let Some((mut child, addr)) = spawn_at(listen, ingest_addr, &["--drain-window", "300ms"])
+    else {
+        return;
+    };
+    let mut subs: Vec<Client> = (0..4)
+        .map(|k| Client::subscribe(addr, &format!("/events/late-{k}")))
+        .collect();
+    wait_streams(addr, 4);
+    // Sent, not waited for: on loopback the bytes are in herald's socket when the write
+    // returns, but nothing says herald has read them.
+    let mut publisher = std::net::TcpStream::connect(ingest_addr).unwrap();
+    let mut all = String::new();
+    for i in 0..400 {
+        all.push_str(&event_line(&format!("late-{}", i % 4), &i.to_string()));
+        all.push('\n');
+    }
+    std::io::Write::write_all(&mut publisher, all.as_bytes()).unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (k, c) in subs.iter_mut().enumerate() {
+        let got: Vec<String> = c.read_to_end().iter().map(|e| e.data.clone()).collect();
+        let want: Vec<String> = (0..400)
+            .filter(|i| i % 4 == k)
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(got, want, "stream late-{k}");
+        assert!(c.parser.ended, "stream late-{k} ended with the last chunk");
+    }
+    let code = child.wait().unwrap();
+    assert!(code.success(), "exit status {code:?}");
+}
+
 #[test]
 fn serve_reads_its_settings_from_a_toml_file_and_flags_win() {
     let dir = std::env::temp_dir().join(format!("herald-toml-{}", std::process::id()));
