@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
 
-use super::table::{NameTable, TopicName};
+use super::table::{EventId, NameTable, TopicName};
 use super::topic::{Event, History, Limits};
 use crate::sse::encode::{chunk, encode_event, Frame};
 use crate::sse::event::{Publish, PublishError};
@@ -142,7 +142,7 @@ impl Drop for PublishBatch<'_> {
 /// Publisher-side outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
-    pub id: Box<str>,
+    pub id: EventId,
     pub seq: u64,
 }
 
@@ -184,7 +184,7 @@ pub struct ReplayCursor {
     pub after: u64,
     pub upto: u64,
     /// The id of the last event the client has been given (for a gap signal).
-    pub last_id: Box<str>,
+    pub last_id: EventId,
 }
 
 /// One batch of a replay.
@@ -411,9 +411,9 @@ impl Hub {
         }
         let seq = (st.last_seq + 1).max(wall_micros());
         st.last_seq = seq;
-        let id: Box<str> = match &p.id {
-            Some(id) => id.as_str().into(),
-            None => seq.to_string().into(),
+        let id = match &p.id {
+            Some(id) => EventId::new(id),
+            None => smol_str::ToSmolStr::to_smolstr(&seq),
         };
         let frame = encode_event(p.event.as_deref(), &id, p.retry, &p.data);
         let topic = intern(&st, &p.topic);
@@ -970,7 +970,7 @@ mod tests {
         assert_eq!(pending, [c.seq], "the inbox is handed over under the lock");
         let seqs = |v: Vec<Arc<Event>>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
         assert_eq!(seqs(h.replay_all(&ab, &mut at)), [b.seq, c.seq]);
-        let mut at = h.attach(1, &ab, Some(&a.id));
+        let mut at = h.attach(1, &ab, Some(a.id.as_str()));
         assert_eq!(seqs(h.replay_all(&ab, &mut at)), [b.seq, c.seq]);
         let d = publish(&h, "b", None);
         assert_eq!(drain(&h, 1), [d.seq], "live after the replay's end");
@@ -1016,7 +1016,7 @@ mod tests {
         // Its own id, still retained, resumes silently, found without a scan.
         let own = publish(&h, "a", None);
         publish(&h, "a", None);
-        let mut at = h.attach(0, &["a".into()], Some(&own.id));
+        let mut at = h.attach(0, &["a".into()], Some(own.id.as_str()));
         assert!(at.gap.is_none());
         assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 1);
     }
@@ -1036,7 +1036,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         h.janitor();
         assert_eq!(h.history_size(), (0, 0, 0));
-        let at = h.attach(0, &["a".into()], Some(&first.id));
+        let at = h.attach(0, &["a".into()], Some(first.id.as_str()));
         assert!(at.gap.is_some(), "events after the id were aged out");
     }
 
@@ -1090,7 +1090,7 @@ mod tests {
         for _ in 0..999 {
             publish(&h, "a", None);
         }
-        let mut at = h.attach(0, &["a".into()], Some(&first.id));
+        let mut at = h.attach(0, &["a".into()], Some(first.id.as_str()));
         assert!(at.gap.is_none());
         let cur = at.replay.as_mut().unwrap();
         let b = h.replay_batch(&["a"], cur);
@@ -1165,11 +1165,11 @@ mod snapshot_tests {
         assert_eq!(b.load_history(&path).unwrap(), 2);
         assert!(!path.exists(), "the file is consumed");
         let t: Vec<String> = vec!["t".into()];
-        let mut at = b.attach(0, &t, Some(&first.id));
+        let mut at = b.attach(0, &t, Some(first.id.as_str()));
         assert!(at.gap.is_none(), "the previous run's ids are known");
         let got = b.replay_all(&t, &mut at);
         assert_eq!(got.len(), 1);
-        let mut before = a.attach(0, &t, Some(&first.id));
+        let mut before = a.attach(0, &t, Some(first.id.as_str()));
         assert_eq!(
             got[0].frame.chunked(),
             a.replay_all(&t, &mut before)[0].frame.chunked()
@@ -1180,6 +1180,9 @@ mod snapshot_tests {
         // Without a file, nothing is loaded and an old id is a gap.
         let c = Hub::new(1, limits);
         assert_eq!(c.load_history(&path).unwrap(), 0);
-        assert!(c.attach(0, &["t".into()], Some(&first.id)).gap.is_some());
+        assert!(c
+            .attach(0, &["t".into()], Some(first.id.as_str()))
+            .gap
+            .is_some());
     }
 }

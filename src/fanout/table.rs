@@ -18,6 +18,9 @@ use slab::Slab;
 /// A topic name: cheap to clone, inline up to 23 bytes.
 pub type TopicName = smol_str::SmolStr;
 
+/// An event id (herald's own are 16 digits): inline, so a publish allocates no id string.
+pub type EventId = smol_str::SmolStr;
+
 pub struct NameTable<T> {
     index: HashTable<u32>,
     slots: Slab<(TopicName, T)>,

@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::table::TopicName;
+use super::table::{EventId, TopicName};
 use crate::sse::encode::Frame;
 
 /// One published event, encoded once. Shared by the history and every worker.
@@ -18,7 +18,7 @@ pub struct Event {
     /// Topic name, shared with the hub's registry.
     pub topic: TopicName,
     /// The `id:` sent on the wire (publisher's own, or `seq` in decimal).
-    pub id: Box<str>,
+    pub id: EventId,
     /// SSE wire bytes with their chunk framing.
     pub frame: Frame,
     /// The `retry:` the event carries, in ms.
@@ -59,7 +59,7 @@ struct Retained {
     /// Publisher-supplied ids (ones that are not the event's own `seq`) → newest `seq`
     /// with that id, so a resume finds any id without walking the history (empty, with
     /// no allocation, for a topic that carries herald's own ids).
-    custom_ids: HashMap<Box<str>, u64>,
+    custom_ids: HashMap<EventId, u64>,
 }
 
 /// Whether `ev`'s id is herald's own (its `seq` in decimal), found by binary search.
