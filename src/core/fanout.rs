@@ -128,6 +128,12 @@ impl LocalTopic {
             .map_or(0, |l| l.entries.back().map_or(l.base_bytes, |e| e.end))
     }
 
+    /// Whether the log's box exists (it is dropped with its last entry).
+    #[cfg(test)]
+    pub(super) fn has_log(&self) -> bool {
+        self.log.is_some()
+    }
+
     /// Bytes held in the log (not yet written to every local subscriber).
     pub(super) fn pending_bytes(&self) -> u64 {
         self.log

@@ -294,6 +294,50 @@ fn a_multi_topic_backlog_counts_every_topic() {
     assert_eq!(h.core.counters.slow_consumer_disconnects, 1);
 }
 
+#[test]
+fn a_per_user_topics_log_is_freed_once_its_only_subscriber_has_written_it_all() {
+    let mut h = Harness::new(|_| {});
+    let user = subscriber(&mut h, "/events/u1");
+    let (a, b) = (
+        subscriber(&mut h, "/events/shared"),
+        subscriber(&mut h, "/events/shared"),
+    );
+    for i in 0..3 {
+        h.publish("u1", &payload(i, 1_000), None);
+    }
+    h.publish("shared", &payload(9, 1_000), None);
+    h.turn();
+    let u1 = h.core.topics.id("u1").unwrap() as usize;
+    let shared = h.core.topics.id("shared").unwrap() as usize;
+    // A short write: what is not yet written stays in the log.
+    let n = h.inflight_len(user);
+    h.complete(user, n / 2);
+    assert!(h.core.topics[u1].has_log());
+    h.turn();
+    h.complete(user, usize::MAX);
+    assert!(
+        !h.core.topics[u1].has_log(),
+        "nothing left to write, no log kept"
+    );
+    // A topic with another local subscriber keeps its log for the one still writing.
+    h.complete(a, usize::MAX);
+    assert!(h.core.topics[shared].has_log());
+    h.complete(b, usize::MAX);
+    let want: Vec<String> = (0..3).map(|i| payload(i, 1_000)).collect();
+    assert_eq!(event_data(h.output(user)), want);
+    assert_eq!(event_data(h.output(b)), [payload(9, 1_000)]);
+    // A shared topic is trimmed at its next event (the broadcast path); the backlog
+    // counter agrees with what the logs hold.
+    h.publish("u1", &payload(3, 1_000), None);
+    h.settle();
+    assert!(!h.core.topics[u1].has_log());
+    assert_eq!(
+        h.core.counters.fanout_backlog_bytes,
+        h.core.topics[shared].pending_bytes()
+    );
+    assert!(h.core.topics[shared].pending_bytes() > 0);
+}
+
 /// One step of the merge property test.
 #[derive(Debug, Clone)]
 enum Op {
