@@ -151,3 +151,30 @@ fn events_for_the_ingest_workers_own_subscribers_wake_no_thread() {
     assert_eq!(metric(s.addr, "herald_worker_wakeups_total"), 0);
     s.stop();
 }
+
+/// One publisher sends more events than a worker's inbox holds, to the ingest worker's
+/// own subscriber, in one write: every event arrives once, in order, and nobody is cut.
+/// (Whether a step fills the inbox depends on how much the socket holds when it reads;
+/// the hub's unit test stages the full inbox itself.)
+#[test]
+fn a_flood_larger_than_an_inbox_reaches_the_ingest_workers_own_subscriber_whole() {
+    let n = herald::fanout::bus::INBOX_CAPACITY + 34_464; // 100,000
+    let Some(s) = start(|c| {
+        c.workers = 1;
+        c.max_backlog = 64 << 20;
+    }) else {
+        return;
+    };
+    let mut c = Client::subscribe(s.addr, "/events/full");
+    wait_streams(s.addr, 1);
+    let lines: Vec<String> = (0..n).map(|i| event_line("full", &i.to_string())).collect();
+    assert!(ingest(s.ingest, &lines).is_empty());
+    let got = c.wait_events(n);
+    assert_eq!(got.len(), n);
+    assert!(
+        got.iter().enumerate().all(|(i, e)| e.data == i.to_string()),
+        "every event once, in order"
+    );
+    assert_eq!(metric(s.addr, "herald_slow_consumer_disconnects_total"), 0);
+    s.stop();
+}

@@ -1041,6 +1041,39 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_publishing_into_its_own_full_inbox_makes_room_instead_of_waiting_forever() {
+        let h = hub();
+        h.attach(0, &["t".into()], None);
+        for _ in 0..INBOX_CAPACITY {
+            publish(&h, "t", None);
+        }
+        let one = || Publish {
+            topic: "t".into(),
+            data: "one more".into(),
+            event: None,
+            id: None,
+            retry: None,
+        };
+        assert!(matches!(h.try_publish(&one()), Err(PublishFailure::Busy)));
+        // Only worker 0 can empty its inbox; the publish asks it to and then goes through.
+        let mut taken = 0;
+        let mut batch = h.batch();
+        let done = batch.publish_making_room(one(), &mut || {
+            while h.inbox(0).pop().is_some() {
+                taken += 1;
+            }
+        });
+        drop(batch);
+        assert!(done.is_ok());
+        assert_eq!(taken, INBOX_CAPACITY);
+        assert_eq!(
+            drain(&h, 0).len(),
+            1,
+            "the new event is queued after the room was made"
+        );
+    }
+
+    #[test]
     fn the_janitor_works_in_slices_and_keeps_the_totals_exact() {
         let h = Hub::new(
             1,
