@@ -161,6 +161,30 @@ fn a_stream_not_done_by_the_end_of_the_window_is_cut_and_counted() {
     assert!(h.core.poll_exit());
 }
 
+/// A worker that falls behind can see a stream's turn to end and the end of the window
+/// in the same tick: the stream, flushed, gets its trailer queued at its turn, and the
+/// window's end must not cut it before the trailer is written.
+#[test]
+fn a_turn_due_in_the_same_tick_as_the_window_end_still_gets_its_trailer() {
+    let mut h = Harness::new(|c| c.drain_window = Duration::from_secs(1));
+    let first = subscriber(&mut h, "/events/t");
+    let last = subscriber(&mut h, "/events/t");
+    h.publish("t", "before", None);
+    h.settle();
+    h.stop();
+    h.turn();
+    // The worker is late: the last stream's turn (half the window in) and the window's
+    // end pass together.
+    h.advance(Duration::from_millis(1_500));
+    h.settle();
+    for c in [first, last] {
+        let s = parse_chunked_stream(h.output(c)).expect("a whole chunked stream");
+        assert!(s.ended, "stream {c} ended with its last chunk");
+        assert_eq!(event_data(&s.body), ["before"]);
+    }
+    assert_eq!(h.core.counters.drain_cut, 0);
+}
+
 #[test]
 fn a_stalled_write_is_cut_after_the_write_timeout_not_the_keepalive() {
     let mut h = Harness::new(|c| {

@@ -114,6 +114,10 @@ impl<H> Core<H> {
             let conn = &self.conns[c as usize];
             match conn.phase {
                 Phase::Closing => continue,
+                // Its trailer is queued or being written (its turn came, perhaps in this
+                // very tick): it is done, and closes once that is written. A stalled one
+                // is cut by its write timeout, and the exit grace bounds the rest.
+                Phase::Drain if conn.has(flag::FINAL) => continue,
                 Phase::Stream | Phase::Drain => self.counters.drain_cut += 1,
                 _ => {}
             }
