@@ -23,14 +23,62 @@ pub enum BackendChoice {
     Epoll,
 }
 
+/// Kernel TLS use (`--ktls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KtlsChoice {
+    /// Hand connections to the kernel when its probe passes (logged either way).
+    Auto,
+    /// Always encrypt in userspace.
+    Off,
+}
+
+/// A TOML value that is one path or a list of paths.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<PathBuf>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    }))
+}
+
 /// Flags of `herald serve`, and the keys of `herald.toml` (same names).
 /// Everything is optional here so that a flag can override the file.
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
-    /// Address for subscribers (HTTP/1.1 SSE) [default: 0.0.0.0:8080]
+    /// Address for subscribers (HTTP/1.1 SSE), or "off" when --tls-listen is set
+    /// [default: 0.0.0.0:8080]
     #[arg(long)]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<String>,
+    /// Address that serves everything --listen serves, over TLS [default: off]
+    #[arg(long)]
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain for --tls-listen; repeat with --tls-key for more names
+    /// (chosen by SNI, the first is the default)
+    #[arg(long)]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub tls_cert: Option<Vec<PathBuf>>,
+    /// PEM private key of the --tls-cert at the same position
+    #[arg(long)]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub tls_key: Option<Vec<PathBuf>>,
+    /// TLS handshakes in progress per worker; beyond it a new TLS connection is closed
+    /// [default: 1024]
+    #[arg(long)]
+    pub tls_max_handshakes: Option<usize>,
+    /// Kernel TLS: "auto" uses it when the kernel's probe passes, "off" never [default: auto]
+    #[arg(long, value_enum)]
+    pub ktls: Option<KtlsChoice>,
+    /// Send `Strict-Transport-Security: max-age=...` on TLS responses, e.g. 180d; 0 = off
+    /// [default: off]
+    #[arg(long)]
+    pub hsts: Option<String>,
     /// TCP address of the NDJSON ingest socket, or "off" [default: 127.0.0.1:7070]
     #[arg(long)]
     pub ingest: Option<String>,
@@ -125,7 +173,15 @@ pub struct Settings {
 /// The validated configuration every part of herald reads.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    /// Plaintext listener; `None` with `--listen off`.
+    pub listen: Option<SocketAddr>,
+    /// TLS listener (`--tls-listen`).
+    pub tls_listen: Option<SocketAddr>,
+    /// Certificate/key pairs, the first the default.
+    pub tls_certs: Vec<crate::tls::CertPair>,
+    pub tls_max_handshakes: usize,
+    pub ktls: KtlsChoice,
+    pub hsts: Option<Duration>,
     pub ingest: Option<SocketAddr>,
     pub ingest_unix: Option<PathBuf>,
     /// None: ingest connections never time out.
@@ -219,9 +275,12 @@ impl Config {
             ],
         };
         let cfg = Config {
-            listen: s
-                .listen
-                .unwrap_or_else(|| "0.0.0.0:8080".parse().expect("literal")),
+            listen: addr_or_off("listen", s.listen.as_deref(), Some("0.0.0.0:8080"))?,
+            tls_listen: addr_or_off("tls-listen", s.tls_listen.as_deref(), None)?,
+            tls_certs: cert_pairs(s.tls_cert, s.tls_key)?,
+            tls_max_handshakes: s.tls_max_handshakes.unwrap_or(1024),
+            ktls: s.ktls.unwrap_or(KtlsChoice::Auto),
+            hsts: Some(duration("hsts", s.hsts.as_deref(), "0s")?).filter(|d| !d.is_zero()),
             ingest,
             ingest_unix: s.ingest_unix,
             ingest_idle_timeout: Some(duration(
@@ -256,6 +315,24 @@ impl Config {
             uring_table: s.uring_table,
             uring_rings: s.uring_rings.unwrap_or(64),
         };
+        match (cfg.listen, cfg.tls_listen, cfg.tls_certs.is_empty()) {
+            (None, None, _) => {
+                return Err(value(
+                    "listen",
+                    "off needs --tls-listen: nothing would be served",
+                ))
+            }
+            (_, Some(_), true) => {
+                return Err(value("tls-listen", "needs --tls-cert and --tls-key"))
+            }
+            (_, None, false) => {
+                return Err(value("tls-cert", "needs --tls-listen"));
+            }
+            _ => {}
+        }
+        if cfg.tls_max_handshakes == 0 {
+            return Err(value("tls-max-handshakes", "must be at least 1"));
+        }
         if cfg.keepalive < Duration::from_millis(10) {
             return Err(value("keepalive", "must be at least 10ms"));
         }
@@ -289,6 +366,12 @@ impl Settings {
         }
         merge!(
             listen,
+            tls_listen,
+            tls_cert,
+            tls_key,
+            tls_max_handshakes,
+            ktls,
+            hsts,
             ingest,
             ingest_unix,
             ingest_idle_timeout,
@@ -319,6 +402,41 @@ impl Settings {
             uring_rings,
         )
     }
+}
+
+/// An address, or "off" (also "") for none; `default` when unset.
+fn addr_or_off(
+    key: &'static str,
+    v: Option<&str>,
+    default: Option<&str>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match v.or(default) {
+        None | Some("off" | "") => Ok(None),
+        Some(a) => a.parse().map(Some).map_err(|e| value(key, e)),
+    }
+}
+
+/// `--tls-cert`/`--tls-key` paired by position.
+fn cert_pairs(
+    certs: Option<Vec<PathBuf>>,
+    keys: Option<Vec<PathBuf>>,
+) -> Result<Vec<crate::tls::CertPair>, ConfigError> {
+    let (certs, keys) = (certs.unwrap_or_default(), keys.unwrap_or_default());
+    if certs.len() != keys.len() {
+        return Err(value(
+            "tls-cert",
+            format!(
+                "{} certificate(s) but {} key(s): give --tls-cert and --tls-key in pairs",
+                certs.len(),
+                keys.len()
+            ),
+        ));
+    }
+    Ok(certs
+        .into_iter()
+        .zip(keys)
+        .map(|(cert, key)| crate::tls::CertPair { cert, key })
+        .collect())
 }
 
 fn value(key: &'static str, e: impl ToString) -> ConfigError {
@@ -373,7 +491,10 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let c = Config::default();
-        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.listen, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(c.tls_listen, None);
+        assert_eq!(c.ktls, KtlsChoice::Auto);
+        assert_eq!(c.hsts, None);
         assert_eq!(c.ingest, Some("127.0.0.1:7070".parse().unwrap()));
         assert_eq!(c.backend, BackendChoice::Auto);
         assert_eq!(c.keepalive, Duration::from_secs(15));
@@ -395,7 +516,7 @@ mod tests {
             ..Settings::default()
         };
         let c = Config::from_settings(flags.over(file)).unwrap();
-        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.listen, Some("127.0.0.1:9000".parse().unwrap()));
         assert_eq!(c.keepalive, Duration::from_millis(500));
         assert_eq!(c.max_backlog, 64 << 10);
         assert!(toml::from_str::<Settings>("lisen = \"x\"").is_err());
@@ -450,5 +571,36 @@ mod tests {
         .unwrap()
         .ingest
         .is_none());
+    }
+
+    #[test]
+    fn tls_settings_pair_up_and_listen_may_be_off() {
+        let file: Settings = toml::from_str(
+            "listen = \"off\"\ntls-listen = \"127.0.0.1:8443\"\ntls-cert = [\"a.pem\", \"b.pem\"]\ntls-key = [\"a.key\", \"b.key\"]\nhsts = \"1d\"",
+        )
+        .unwrap();
+        let c = Config::from_settings(file.clone()).unwrap();
+        assert_eq!(c.listen, None);
+        assert_eq!(c.tls_listen, Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(c.tls_certs.len(), 2);
+        assert_eq!(c.tls_certs[1].key, PathBuf::from("b.key"));
+        assert_eq!(c.hsts, Some(Duration::from_secs(86400)));
+        // One path is also accepted in the file.
+        let one: Settings = toml::from_str(
+            "tls-listen = \"127.0.0.1:8443\"\ntls-cert = \"a.pem\"\ntls-key = \"a.key\"",
+        )
+        .unwrap();
+        assert_eq!(Config::from_settings(one).unwrap().tls_certs.len(), 1);
+        // Unpaired, certificate-less and listener-less settings are refused.
+        let mut bad = file.clone();
+        bad.tls_key = Some(vec!["a.key".into()]);
+        assert!(Config::from_settings(bad).is_err());
+        let mut bad = file.clone();
+        bad.tls_cert = None;
+        bad.tls_key = None;
+        assert!(Config::from_settings(bad).is_err());
+        let mut bad = file;
+        bad.tls_listen = Some("off".into());
+        assert!(Config::from_settings(bad).is_err());
     }
 }

@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod sse;
 pub mod timer;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -33,8 +34,11 @@ pub struct Server {
     workers: Vec<JoinHandle<io::Result<()>>>,
     /// Told by the worker hosting ingest once it has stopped (or dropped when it exits).
     ingest_done: Option<std::sync::mpsc::Receiver<()>>,
-    /// Where subscribers connect (the real port when 0 was asked for).
+    /// Where subscribers connect (the real port when 0 was asked for): the plaintext
+    /// listener, or the TLS one with `--listen off`.
     pub listen_addr: SocketAddr,
+    /// Where TLS subscribers connect, with `--tls-listen`.
+    pub tls_addr: Option<SocketAddr>,
     /// Where NDJSON publishers connect, if TCP ingest is on.
     pub ingest_addr: Option<SocketAddr>,
     pub backend: Backend,
@@ -49,12 +53,34 @@ pub fn start(config: Config) -> io::Result<Server> {
         Ok(n) => tracing::info!(nofile = n, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
-    let listeners = engine::bind_listeners(config.listen, config.workers)?;
-    let listen_addr = listeners[0].local_addr()?;
-    tracing::info!(addr = %listen_addr, workers = config.workers, "listening for subscribers");
+    let tls = match config.tls_listen {
+        Some(_) => Some(
+            tls::Tls::new(&config.tls_certs, config.ktls, config.hsts)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("TLS: {e}")))?,
+        ),
+        None => None,
+    };
+    let plain = config
+        .listen
+        .map(|a| engine::bind_listeners(a, config.workers))
+        .transpose()?;
+    let secure = config
+        .tls_listen
+        .map(|a| engine::bind_listeners(a, config.workers))
+        .transpose()?;
+    let plain_addr = plain.as_ref().map(|l| l[0].local_addr()).transpose()?;
+    let tls_addr = secure.as_ref().map(|l| l[0].local_addr()).transpose()?;
+    if let Some(addr) = plain_addr {
+        tracing::info!(addr = %addr, workers = config.workers, "listening for subscribers");
+    }
+    if let Some(addr) = tls_addr {
+        tracing::info!(addr = %addr, workers = config.workers, certificates = config.tls_certs.len(), "listening for TLS subscribers");
+    }
+    let listen_addr = plain_addr.or(tls_addr).expect("config requires a listener");
+    let listeners = engine::worker_listeners(plain, secure, config.workers);
     let sockets = IngestSockets::bind(config.ingest, config.ingest_unix.as_ref())?;
     let ingest_addr = sockets.tcp.as_ref().map(|l| l.local_addr()).transpose()?;
-    let shared = Shared::new(config);
+    let shared = Shared::with_tls(config, tls);
     if let Some(path) = shared.config.history_file.as_ref() {
         match shared.hub.load_history(path) {
             Ok(n) => tracing::info!(path = %path.display(), events = n, "history loaded"),
@@ -71,6 +97,7 @@ pub fn start(config: Config) -> io::Result<Server> {
         workers,
         ingest_done: Some(ingest_done),
         listen_addr,
+        tls_addr,
         ingest_addr,
         backend,
     })
@@ -80,6 +107,15 @@ impl Server {
     /// Whether a worker has stopped on its own (an error, or shutdown has begun).
     pub fn is_stopping(&self) -> bool {
         self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// Read the TLS certificates and keys again (SIGHUP). New handshakes use them; open
+    /// connections keep theirs. On an error the old ones stay in use.
+    pub fn reload_tls(&self) -> Result<usize, String> {
+        match self.shared.tls.as_ref() {
+            Some(t) => t.certs.reload(),
+            None => Err("TLS is not configured".into()),
+        }
     }
 
     /// Graceful stop: ingest first (everything acknowledged is already in the workers'

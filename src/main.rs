@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 #[derive(Parser)]
 #[command(name = "herald", version, about = "Server-Sent Events fan-out engine")]
@@ -36,13 +36,22 @@ fn main() -> anyhow::Result<()> {
         .init();
     let Command::Serve { config, settings } = Cli::parse().command;
     let config = herald::Config::load(settings, config.as_deref()).context("configuration")?;
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("signal handlers")?;
     let server = herald::start(config).context("starting herald")?;
     // Wait for a signal, or for a worker that stopped on its own.
-    let signal = loop {
-        if let Some(sig) = signals.pending().next() {
-            break Some(sig);
+    let signal = 'wait: loop {
+        for sig in signals.pending() {
+            if sig != SIGHUP {
+                break 'wait Some(sig);
+            }
+            // SIGHUP: reload certificates; nothing else changes, no connection closes.
+            match server.reload_tls() {
+                Ok(n) => tracing::info!(certificates = n, "TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; the old certificates stay in use")
+                }
+            }
         }
         if server.is_stopping() {
             break None;

@@ -70,6 +70,15 @@ counters! {
     drain_cut: "counter", "Streams closed at the end of the drain window before their last chunk was written";
     accept_pauses: "counter", "Accepts paused because the process ran out of descriptors or memory";
     loop_turns: "counter", "Event loop iterations";
+    tls_handshakes: "counter", "TLS handshakes completed";
+    tls_handshakes_refused: "counter", "TLS connections closed at accept: the worker had --tls-max-handshakes in progress";
+    tls_handshake_timeouts: "counter", "TLS connections closed mid-handshake by --head-timeout";
+    tls_plain_http: "counter", "Plain HTTP requests sent to the TLS port (answered 400 and closed)";
+    tls_protocol_errors: "counter", "TLS connections ended for malformed or out-of-order records or messages (alert sent)";
+    tls_incompatible: "counter", "TLS handshakes refused: no common version, cipher suite, group or ALPN protocol (alert sent)";
+    tls_unknown_name: "counter", "TLS handshakes refused: the SNI name matches no certificate (alert sent)";
+    tls_decrypt_errors: "counter", "TLS connections ended for a record that failed to decrypt (alert sent)";
+    tls_other_errors: "counter", "TLS connections ended for any other TLS error";
 }
 
 /// The ingest thread's counters, bumped once per connection or refused line (never per

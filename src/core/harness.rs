@@ -53,7 +53,7 @@ impl Harness {
     /// A client connects from loopback (allowed to publish by default).
     pub fn connect(&mut self) -> ConnId {
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        self.core.handle_accept(Peer::default(), Some(ip))
+        self.core.handle_accept(Peer::default(), Some(ip), false)
     }
 
     /// The client sends `bytes` (one read).

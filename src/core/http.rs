@@ -15,8 +15,17 @@ use crate::sse::event::{Publish, PublishError};
 impl<H> Core<H> {
     // ---- read ---------------------------------------------------------------------
 
-    /// Bytes arrived on connection `c`.
+    /// Bytes arrived on connection `c` (ciphertext on a TLS connection).
     pub fn handle_read(&mut self, c: ConnId, data: &[u8]) -> ReadOutcome {
+        match self.conns.get(c as usize) {
+            Some(conn) if conn.has(flag::TLS) => self.tls_read(c, data),
+            Some(_) => self.handle_plain(c, data),
+            None => ReadOutcome::Stop,
+        }
+    }
+
+    /// Plaintext arrived on connection `c`.
+    pub(super) fn handle_plain(&mut self, c: ConnId, data: &[u8]) -> ReadOutcome {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return ReadOutcome::Stop;
         };
@@ -318,6 +327,7 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
         };
+        let bytes = with_hsts(bytes, conn.has(flag::TLS), &self.shared);
         conn.phase = Phase::Respond;
         if keep {
             conn.flags |= flag::KEEP_ALIVE;
@@ -376,6 +386,7 @@ impl<H> Core<H> {
             conn.flags |= flag::HTTP10;
         }
         conn.rbuf = None;
+        let head = with_hsts(head, conn.has(flag::TLS), &self.shared);
         conn.pre.push_back(Bytes::from(head));
         if let Some(gap) = &attach.gap {
             conn.pre.push_back(piece(gap, http10));
@@ -464,4 +475,21 @@ impl<H> Core<H> {
             }
         }
     }
+}
+
+/// A response head with the `Strict-Transport-Security` line added after its status line,
+/// on a TLS connection when `--hsts` is set.
+fn with_hsts(mut head: Vec<u8>, tls: bool, shared: &super::Shared) -> Vec<u8> {
+    let Some(line) = shared.tls.as_ref().and_then(|t| t.hsts.as_deref()) else {
+        return head;
+    };
+    if !tls {
+        return head;
+    }
+    if let Some(at) = head.windows(2).position(|w| w == b"\r\n") {
+        let tail = head.split_off(at + 2);
+        head.extend_from_slice(line.as_bytes());
+        head.extend_from_slice(&tail);
+    }
+    head
 }

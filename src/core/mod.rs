@@ -42,6 +42,7 @@ mod http;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod tls;
 mod write;
 
 use fanout::LocalTopic;
@@ -78,10 +79,17 @@ pub struct Shared {
     pub ingest_stop: AtomicBool,
     /// Backend the workers run ("uring"/"epoll"), for /metrics.
     pub backend: OnceLock<&'static str>,
+    /// Certificates and rustls configuration, when `--tls-listen` is set.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
+        Shared::with_tls(config, None)
+    }
+
+    /// Shared state with TLS set up (see [`crate::tls::Tls::new`]).
+    pub fn with_tls(config: Config, tls: Option<crate::tls::Tls>) -> Arc<Shared> {
         let limits = crate::fanout::topic::Limits {
             max_events: config.history_events,
             max_bytes: config.history_bytes,
@@ -96,6 +104,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             ingest_stop: AtomicBool::new(false),
             backend: OnceLock::new(),
+            tls,
             config,
         })
     }
@@ -143,6 +152,10 @@ mod flag {
     pub const DRAIN_DUE: u16 = 256;
     /// The drain is a shutdown (not a topic close): the trailer carries a `retry:` hint.
     pub const RETRY_HINT: u16 = 512;
+    /// Accepted on the TLS listener: its session is in `Core::tls`.
+    pub const TLS: u16 = 1024;
+    /// TLS failed (an alert or the plain-HTTP answer is queued): close once written.
+    pub const TLS_CLOSE: u16 = 2048;
 }
 
 /// One subscription of a connection: a cursor into a local topic log.
@@ -312,6 +325,11 @@ pub struct Core<H> {
     accept_refill_tick: u64,
     limits: Limits,
     next_gen: u32,
+    /// TLS sessions by connection id (empty when TLS is off, so plain connections pay
+    /// nothing), the write buffers they share, and handshakes in progress.
+    tls: Vec<Option<Box<tls::TlsConn>>>,
+    tls_bufs: tls::TlsBufs,
+    tls_handshaking: usize,
 }
 
 impl<H> Core<H> {
@@ -342,6 +360,9 @@ impl<H> Core<H> {
             accept_refill_tick: 0,
             limits,
             next_gen: 1,
+            tls: Vec::new(),
+            tls_bufs: tls::TlsBufs::default(),
+            tls_handshaking: 0,
             shared,
         }
     }
@@ -405,8 +426,9 @@ impl<H> Core<H> {
 
     // ---- accept -------------------------------------------------------------------
 
-    /// A connection was accepted. Returns its id; over the limits it is answered 503.
-    pub fn handle_accept(&mut self, handle: H, peer: Option<IpAddr>) -> ConnId {
+    /// A connection was accepted (on the TLS listener if `tls`). Returns its id; over the
+    /// limits it is answered 503; over `--tls-max-handshakes` it is closed at once.
+    pub fn handle_accept(&mut self, handle: H, peer: Option<IpAddr>, tls: bool) -> ConnId {
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let publisher = peer.is_some_and(|ip| {
@@ -439,8 +461,12 @@ impl<H> Core<H> {
             self.counters.connections_rejected += 1;
             self.conns[c as usize].flags |= flag::REJECT;
         }
+        // The TLS handshake counts against the head timeout.
         let deadline = self.now_tick + self.ticks(self.shared.config.head_timeout);
         self.wheel.insert(c, deadline);
+        if tls && !self.start_tls(c) {
+            self.close(c);
+        }
         c
     }
 
@@ -544,6 +570,7 @@ impl<H> Core<H> {
     pub fn release(&mut self, c: ConnId) -> Option<H> {
         self.conns.get(c as usize)?;
         self.detach(c);
+        self.drop_tls(c);
         self.wheel.remove(c);
         let conn = self.conns.remove(c as usize);
         self.shared.open.fetch_sub(1, Ordering::Relaxed);

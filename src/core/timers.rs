@@ -159,6 +159,9 @@ impl<H> Core<H> {
         match conn.phase {
             Phase::Head | Phase::Body => {
                 self.counters.head_timeouts += 1;
+                if self.tls_handshaking(c) {
+                    self.counters.tls_handshake_timeouts += 1;
+                }
                 self.close(c);
             }
             // A response, or a drained stream's trailer, that is not getting out.

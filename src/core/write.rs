@@ -51,6 +51,14 @@ impl<H> Core<H> {
             self.after_idle(c);
             return false;
         }
+        if self.conns[c as usize].has(flag::TLS) {
+            self.tls_prepare(c);
+            if self.tls_out(c).is_empty() {
+                // rustls refused to encrypt: the session is broken.
+                self.close(c);
+                return false;
+            }
+        }
         let conn = &mut self.conns[c as usize];
         conn.flags |= flag::WRITING;
         conn.progress = now as u32;
@@ -70,6 +78,11 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get(c as usize) else {
             return (0, 0);
         };
+        if conn.has(flag::TLS) {
+            let out = self.tls_out(c);
+            iov[0] = IoSlice::new(out);
+            return (1, out.len());
+        }
         let mut n = 0usize;
         let mut total = 0usize;
         let mut skip = conn.off as usize;
@@ -109,6 +122,15 @@ impl<H> Core<H> {
 
     /// Whether anything is pending for `c`, cheaply (no walk over the frames).
     pub(super) fn has_pending(&self, c: ConnId) -> bool {
+        let plain = self.has_plain_pending(c);
+        match self.conns.get(c as usize) {
+            Some(conn) if conn.has(flag::TLS) => self.tls_pending(c, plain),
+            _ => plain,
+        }
+    }
+
+    /// Whether frames are pending for `c` (before any encryption).
+    pub(super) fn has_plain_pending(&self, c: ConnId) -> bool {
         self.conns.get(c as usize).is_some_and(|conn| {
             !conn.pre.is_empty()
                 || conn.replay.is_some()
@@ -129,7 +151,17 @@ impl<H> Core<H> {
         if done {
             conn.flags &= !flag::WRITING;
         }
-        if n > 0 {
+        self.counters.bytes_written += n as u64;
+        if conn.has(flag::TLS) {
+            if n > 0 {
+                conn.progress = self.now_tick as u32;
+                // The frames count as written once all of their ciphertext is.
+                let covered = self.tls_written(c, n);
+                if covered > 0 {
+                    self.consume(c, covered);
+                }
+            }
+        } else if n > 0 {
             self.consume(c, n);
         }
         if done {
@@ -145,7 +177,6 @@ impl<H> Core<H> {
             return;
         };
         conn.progress = now;
-        self.counters.bytes_written += n as u64;
         let mut left = n + conn.off as usize;
         conn.off = 0;
         while let Some(f) = conn.pre.front() {
@@ -192,6 +223,9 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
         };
+        if conn.has(flag::TLS_CLOSE) {
+            return self.close(c);
+        }
         match conn.phase {
             Phase::Respond if conn.has(flag::KEEP_ALIVE) && !draining => {
                 conn.phase = Phase::Head;

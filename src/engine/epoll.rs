@@ -4,7 +4,6 @@
 //! during the call, so nothing outlives it). Connections are limited to RLIMIT_NOFILE.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::net::TcpListener as StdListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +14,12 @@ use crate::core::{AcceptAction, ConnId, Core, ReadOutcome, Shared, MAX_IOVECS};
 use crate::fanout::bus::Wake;
 use crate::ingest::listener::Ingest;
 
+/// Listener `i` of the worker is token `LISTENER - i`.
 const LISTENER: Token = Token(usize::MAX - 1);
-const WAKER: Token = Token(usize::MAX - 2);
+const LISTENERS_MAX: usize = 8;
+const WAKER: Token = Token(usize::MAX - 1 - LISTENERS_MAX);
 /// The hosted ingest's epoll set.
-const INGEST: Token = Token(usize::MAX - 3);
+const INGEST: Token = Token(usize::MAX - 2 - LISTENERS_MAX);
 /// Accepts per loop turn, so a connect storm cannot starve established streams.
 const ACCEPT_BATCH: usize = 512;
 /// Reads per connection per turn before yielding to the others.
@@ -58,7 +59,7 @@ const FD_RESERVE: usize = 256;
 pub fn run(
     id: usize,
     shared: Arc<Shared>,
-    listener: StdListener,
+    listeners: Vec<super::Listener>,
     mut ingest: Option<Box<Ingest>>,
 ) -> io::Result<()> {
     // Every epoll connection holds a descriptor: the limit follows the open-files limit.
@@ -69,11 +70,18 @@ pub fn run(
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
     shared.hub.inbox(id).set_waker(Box::new(MioWake(waker)));
-    listener.set_nonblocking(true)?;
-    let mut listener = Some(TcpListener::from_std(listener));
-    if let Some(l) = listener.as_mut() {
-        poll.registry().register(l, LISTENER, Interest::READABLE)?;
-    }
+    let mut listeners = listeners
+        .into_iter()
+        .take(LISTENERS_MAX)
+        .enumerate()
+        .map(|(i, l)| {
+            l.socket.set_nonblocking(true)?;
+            let mut sock = TcpListener::from_std(l.socket);
+            poll.registry()
+                .register(&mut sock, Token(LISTENER.0 - i), Interest::READABLE)?;
+            Ok((sock, l.tls))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     if let Some(ing) = ingest.as_ref() {
         let fd = ing.fd();
         poll.registry()
@@ -90,9 +98,9 @@ pub fn run(
     let mut ready = Vec::new();
     let mut closing = Vec::new();
     let mut reread = Vec::new();
-    // Edge-triggered: a listener with connections waiting is not reported again, so this
-    // stays set until an accept finds the queue empty (also across an accept pause).
-    let mut accept_more = false;
+    // Edge-triggered: a listener with connections waiting is not reported again, so its
+    // flag stays set until an accept finds the queue empty (also across an accept pause).
+    let mut accept_more = [false; LISTENERS_MAX];
     loop {
         lp.core.set_now(Instant::now());
         std::mem::swap(&mut reread, &mut lp.reread);
@@ -102,8 +110,10 @@ pub fn run(
         for ev in events.iter() {
             match ev.token() {
                 WAKER => {}
-                LISTENER => accept_more = true,
                 INGEST => ingest_readable = true,
+                Token(t) if t > LISTENER.0 - LISTENERS_MAX && t <= LISTENER.0 => {
+                    accept_more[LISTENER.0 - t] = true
+                }
                 Token(t) => {
                     let c = t as u32 as ConnId;
                     let gen = (t >> 32) as u32;
@@ -119,12 +129,10 @@ pub fn run(
                 }
             }
         }
-        let accepting = accept_more && !lp.core.accept_paused();
-        if accepting {
-            accept_more = match listener.as_ref() {
-                Some(l) => lp.accept_some(l)?,
-                None => false,
-            };
+        for (i, (l, tls)) in listeners.iter().enumerate() {
+            if accept_more[i] && !lp.core.accept_paused() {
+                accept_more[i] = lp.accept_some(l, *tls)?;
+            }
         }
         // Ingest before the inbox, so what it published goes out this turn.
         if let Some(ing) = ingest.as_mut() {
@@ -139,10 +147,10 @@ pub fn run(
         lp.core.drain_inbox();
         lp.core.handle_tick();
         if lp.core.stop_requested() {
-            if let Some(mut l) = listener.take() {
+            for (mut l, _) in listeners.drain(..) {
                 lp.poll.registry().deregister(&mut l)?;
             }
-            accept_more = false;
+            accept_more = [false; LISTENERS_MAX];
             lp.core.begin_drain();
         }
         lp.flush(&mut ready);
@@ -160,7 +168,7 @@ pub fn run(
             .as_ref()
             .map_or(Duration::MAX, |i| i.wait(Instant::now()));
         let busy = lp.core.has_work()
-            || (accept_more && !lp.core.accept_paused())
+            || (accept_more.iter().any(|&a| a) && !lp.core.accept_paused())
             || !lp.reread.is_empty()
             || ingest_wait.is_zero();
         let timeout = if busy || !lp.core.park() {
@@ -179,12 +187,12 @@ pub fn run(
 
 impl Loop {
     /// Accept up to a batch; returns true if more may be waiting.
-    fn accept_some(&mut self, l: &TcpListener) -> io::Result<bool> {
+    fn accept_some(&mut self, l: &TcpListener, tls: bool) -> io::Result<bool> {
         for _ in 0..ACCEPT_BATCH {
             match l.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let c = self.core.handle_accept(stream, Some(peer.ip()));
+                    let c = self.core.handle_accept(stream, Some(peer.ip()), tls);
                     let Some(conn) = self.core.conn_mut(c) else {
                         continue;
                     };

@@ -79,12 +79,37 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>
     Ok(out)
 }
 
+/// A worker's listening socket and whether it serves TLS.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub tls: bool,
+}
+
+/// Per worker, its listeners: the plaintext one (unless `--listen off`), then the TLS
+/// one (with `--tls-listen`).
+pub fn worker_listeners(
+    plain: Option<Vec<TcpListener>>,
+    tls: Option<Vec<TcpListener>>,
+    workers: usize,
+) -> Vec<Vec<Listener>> {
+    let mut out: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    for (set, is_tls) in [(plain, false), (tls, true)] {
+        for (w, socket) in set.into_iter().flatten().enumerate() {
+            out[w].push(Listener {
+                socket,
+                tls: is_tls,
+            });
+        }
+    }
+    out
+}
+
 /// Start the workers; each pins itself, then runs its backend until drained. The first
 /// also serves ingest.
 pub fn spawn_workers(
     shared: &Arc<Shared>,
     backend: Backend,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Vec<Listener>>,
     ingest: Ingest,
 ) -> io::Result<Vec<JoinHandle<io::Result<()>>>> {
     let _ = shared.backend.set(backend.name());

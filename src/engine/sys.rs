@@ -4,7 +4,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit; returns the resulting soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
@@ -38,4 +38,57 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just returned by eventfd(2) and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Attach the kernel's `tls` upper-layer protocol to a connected TCP socket (the first
+/// step of kernel TLS; ENOENT when the kernel has no TLS module).
+pub fn set_tcp_ulp_tls(fd: RawFd) -> io::Result<()> {
+    let name = b"tls";
+    // SAFETY: `name` is a live 3-byte buffer read by the call only; `fd` is borrowed from
+    // an open socket the caller holds.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Install a fixed TLS 1.2 AES-GCM-128 key for one direction (`libc::TLS_TX` or
+/// `libc::TLS_RX`) on a socket with the `tls` ULP: both ends of the probe use the same
+/// key, so a record sent on one must decrypt on the other. Used by the kernel-TLS probe
+/// only; never with a real session's keys.
+pub fn set_ktls_probe_keys(fd: RawFd, direction: libc::c_int) -> io::Result<()> {
+    let info = libc::tls12_crypto_info_aes_gcm_128 {
+        info: libc::tls_crypto_info {
+            version: libc::TLS_1_2_VERSION,
+            cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+        },
+        iv: [7; libc::TLS_CIPHER_AES_GCM_128_IV_SIZE],
+        key: [42; libc::TLS_CIPHER_AES_GCM_128_KEY_SIZE],
+        salt: [3; libc::TLS_CIPHER_AES_GCM_128_SALT_SIZE],
+        rec_seq: [0; libc::TLS_CIPHER_AES_GCM_128_REC_SEQ_SIZE],
+    };
+    // SAFETY: `info` is a live, fully initialised struct of the size passed, read by the
+    // call only; `fd` is borrowed from an open socket the caller holds.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TLS,
+            direction,
+            (&info as *const libc::tls12_crypto_info_aes_gcm_128).cast(),
+            std::mem::size_of_val(&info) as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

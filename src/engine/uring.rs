@@ -39,7 +39,8 @@ use crate::ingest::listener::Ingest;
 
 /// Submission queue size (completion queue is 4x).
 const SQ_ENTRIES: u32 = 4096;
-/// Single-shot accepts kept armed per worker, each with its own address slot.
+/// Single-shot accepts kept armed per worker and listener, each with its own address
+/// slot: listener `l` owns slots `l * ACCEPTS ..`.
 const ACCEPTS: usize = 16;
 /// Provided read buffers per worker: request heads are small and are consumed at once.
 const BUF_COUNT: u16 = 256;
@@ -225,14 +226,14 @@ struct Shard {
 }
 
 impl Shard {
-    fn new(table: u32) -> io::Result<Shard> {
+    fn new(table: u32, listeners: usize) -> io::Result<Shard> {
         let ring = probe::build_ring(SQ_ENTRIES)?;
         ring.submitter().register_files_sparse(table)?;
         let bufs = BufRing::new(&ring)?;
         Ok(Shard {
             ring,
             bufs,
-            accepts: (0..ACCEPTS)
+            accepts: (0..ACCEPTS * listeners.max(1))
                 .map(|_| AcceptSlot {
                     // SAFETY: sockaddr_storage is plain old data; zero is a valid value.
                     addr: unsafe { std::mem::zeroed() },
@@ -312,7 +313,10 @@ struct Driver {
     /// The core holds the connections' iovec blocks and the frames sends point at: the
     /// same rule as `shards`.
     core: ManuallyDrop<Core<UConn>>,
-    listener: Option<TcpListener>,
+    /// The worker's listeners (emptied when accepting stops) and, kept for the accepts
+    /// still completing, which of them serve TLS.
+    listeners: Vec<TcpListener>,
+    listener_tls: Vec<bool>,
     /// Direct descriptors per shard.
     table: u32,
     max_shards: usize,
@@ -340,7 +344,7 @@ struct Driver {
 pub fn run(
     id: usize,
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listeners: Vec<super::Listener>,
     ingest: Option<Box<Ingest>>,
 ) -> io::Result<()> {
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
@@ -348,7 +352,9 @@ pub fn run(
         .config
         .uring_table
         .map_or(nofile.min(MAX_TABLE) as u32, |t| t.min(nofile as u32));
-    let first = Shard::new(table)?;
+    let listener_tls: Vec<bool> = listeners.iter().map(|l| l.tls).collect();
+    let listeners: Vec<TcpListener> = listeners.into_iter().map(|l| l.socket).collect();
+    let first = Shard::new(table, listeners.len())?;
     let efd = sys::eventfd()?;
     shared
         .hub
@@ -363,7 +369,8 @@ pub fn run(
     let mut d = Driver {
         shards: ManuallyDrop::new(vec![first]),
         core: ManuallyDrop::new(Core::new(id, shared.clone(), Instant::now())),
-        listener: Some(listener),
+        listeners,
+        listener_tls,
         table,
         max_shards: shared.config.uring_rings,
         efd,
@@ -552,7 +559,8 @@ impl Driver {
                 state: 0,
                 send: None,
             };
-            let c = self.core.handle_accept(conn, peer);
+            let tls = self.listener_tls.get(i / ACCEPTS).copied().unwrap_or(false);
+            let c = self.core.handle_accept(conn, peer, tls);
             self.arm_recv(c);
             self.arm_accepts();
             return;
@@ -653,7 +661,7 @@ impl Driver {
     /// for it (open + armed < table), opening a new shard when all are taken. A table must
     /// never overflow: the kernel would accept the connection and then reset it (ENFILE).
     fn arm_accepts(&mut self) {
-        if self.listener.is_none() {
+        if self.listeners.is_empty() {
             return;
         }
         if self.core.accept_paused() {
@@ -661,10 +669,22 @@ impl Driver {
             return;
         }
         self.accept_stalled = false;
+        for l in 0..self.listeners.len() {
+            if !self.arm_accepts_for(l) {
+                self.accept_stalled = true;
+                return;
+            }
+        }
+    }
+
+    /// Arm listener `l`'s accepts; false if they could not all be armed.
+    fn arm_accepts_for(&mut self, l: usize) -> bool {
+        let range = l * ACCEPTS..(l + 1) * ACCEPTS;
         let armed = |sh: &Shard| sh.accepts.iter().filter(|a| a.armed).count() as u32;
-        let mut want = ACCEPTS as u32 - self.shards.iter().map(armed).sum::<u32>();
+        let mine = |sh: &Shard| sh.accepts[range.clone()].iter().filter(|a| a.armed).count();
+        let mut want = ACCEPTS - self.shards.iter().map(mine).sum::<usize>();
         for k in 0..self.shards.len() {
-            for i in 0..ACCEPTS {
+            for i in range.clone() {
                 let sh = &self.shards[k];
                 if want == 0 || sh.open + armed(sh) >= self.table {
                     break;
@@ -676,30 +696,30 @@ impl Driver {
             }
         }
         if want == 0 {
-            return;
+            return true;
         }
-        if self.shards.len() < self.max_shards {
-            match self.open_shard() {
-                Ok(k) => {
-                    for i in 0..(want as usize).min(ACCEPTS) {
-                        self.arm_accept(k, i);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(worker = self.core.id, error = %e, "cannot open another io_uring ring");
-                    self.core
-                        .handle_accept_error(&io::Error::from_raw_os_error(libc::ENOMEM));
-                    self.accept_stalled = true;
-                }
-            }
-        } else {
+        if self.shards.len() >= self.max_shards {
             // Every ring is full: a close re-arms (`op::CLOSE`).
-            self.accept_stalled = true;
+            return false;
+        }
+        match self.open_shard() {
+            Ok(k) => {
+                for i in range.take(want) {
+                    self.arm_accept(k, i);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(worker = self.core.id, error = %e, "cannot open another io_uring ring");
+                self.core
+                    .handle_accept_error(&io::Error::from_raw_os_error(libc::ENOMEM));
+                false
+            }
         }
     }
 
     fn open_shard(&mut self) -> io::Result<usize> {
-        let mut sh = Shard::new(self.table)?;
+        let mut sh = Shard::new(self.table, self.listener_tls.len())?;
         let notify = sys::eventfd()?;
         sh.ring.submitter().register_eventfd(notify.as_raw_fd())?;
         sh.notify = Some(File::from(notify));
@@ -737,7 +757,7 @@ impl Driver {
     }
 
     fn arm_accept(&mut self, shard: usize, i: usize) {
-        let Some(l) = self.listener.as_ref() else {
+        let Some(l) = self.listeners.get(i / ACCEPTS) else {
             return;
         };
         let fd = l.as_raw_fd();
@@ -762,7 +782,7 @@ impl Driver {
     }
 
     fn stop_accepting(&mut self) {
-        if let Some(l) = self.listener.take() {
+        for l in std::mem::take(&mut self.listeners) {
             for sh in self.shards.iter_mut() {
                 let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(l.as_raw_fd())).all())
                     .build()
@@ -908,7 +928,7 @@ impl Driver {
     /// Cancel everything still armed and wait (bounded) for the completions. Returns
     /// whether the kernel is done with every buffer of ours.
     fn teardown(&mut self) -> bool {
-        self.listener = None;
+        self.listeners.clear();
         for sh in self.shards.iter_mut() {
             let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
                 .build()

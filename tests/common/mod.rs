@@ -58,7 +58,7 @@ impl Drop for TestServer {
 /// Config for tests: loopback, free ports, two workers.
 pub fn config(backend: BackendChoice) -> Config {
     Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: Some("127.0.0.1:0".parse().unwrap()),
         ingest: Some("127.0.0.1:0".parse().unwrap()),
         workers: 2,
         backend,

@@ -1,0 +1,612 @@
+//! TLS on a worker's connections, sans-IO: rustls' unbuffered server connection driven by
+//! the backend's own reads and writes, with no thread and no socket of its own.
+//!
+//! Reads: ciphertext is appended to the connection's `incoming` (freed once every record
+//! in it is processed), records are decrypted, and the plaintext goes to the HTTP side as
+//! if it had been read from a plain socket.
+//!
+//! Writes keep encode-once: the pending frames are still the shared event bytes. At write
+//! time they are gathered (up to [`TLS_WRITE_MAX`]) and encrypted, as few records as fit,
+//! into one buffer from the worker's pool, which is the only thing the write sends. The
+//! buffer goes back to the pool once fully written, and only then are the frames it
+//! carries consumed, so a partial write resumes from the ciphertext, never re-encrypts.
+//! An idle TLS stream holds its session state and nothing else.
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+
+use super::fanout::walk_live;
+use super::{flag, frame_of, ConnId, Core, Phase};
+
+/// Most plaintext encrypted for one write: four full records.
+pub const TLS_WRITE_MAX: usize = 4 * RECORD_MAX;
+/// Largest TLS plaintext record.
+const RECORD_MAX: usize = 16 << 10;
+/// Bound on what a record adds to its plaintext (header, explicit nonce, tag, content
+/// type; TLS 1.2 AES-GCM's 29 bytes is the largest of the suites offered).
+const RECORD_OVERHEAD: usize = 64;
+/// Pool buffers: small ones serve the usual write (a few events), large ones a backlog.
+const SMALL_BUF: usize = 4 << 10;
+const POOL_MAX: usize = 64;
+/// The most ciphertext a connection may have queued beyond the write in flight (handshake
+/// flights, tickets, alerts): a handshake flight with a long chain is a few KiB.
+const EXTRA_MAX: usize = 64 << 10;
+/// Most unprocessed ciphertext held for one connection (one record and a bit).
+const INCOMING_MAX: usize = 2 * RECORD_MAX + 4096;
+
+/// Why a TLS connection was refused or ended early (each is counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// Plain HTTP sent to the TLS port: answered 400 in plaintext.
+    PlainHttp,
+    /// Not TLS, a malformed record or message, or a protocol violation.
+    Protocol,
+    /// No common version, suite, group, or ALPN protocol.
+    Incompatible,
+    /// A name no certificate covers.
+    UnknownName,
+    /// Decryption failed (a corrupted or forged record).
+    Decrypt,
+    /// Anything else rustls refused.
+    Other,
+}
+
+/// One connection's TLS state.
+pub(crate) struct TlsConn {
+    conn: UnbufferedServerConnection,
+    /// Ciphertext received and not yet processed; freed when empty.
+    incoming: Vec<u8>,
+    /// Ciphertext being written: `out[sent..]` is still to go.
+    out: Vec<u8>,
+    sent: usize,
+    /// Plaintext bytes of the connection's pending frames that `out` carries.
+    covers: usize,
+    /// Ciphertext made while `out` was in flight, sent after it.
+    extra: Vec<u8>,
+    pub(crate) handshaking: bool,
+    /// A close_notify has been queued: nothing more is encrypted.
+    closed: bool,
+    /// Nothing has been read yet (plain-HTTP detection).
+    first: bool,
+}
+
+/// The per-worker TLS buffers.
+#[derive(Default)]
+pub(crate) struct TlsBufs {
+    small: Vec<Vec<u8>>,
+    large: Vec<Vec<u8>>,
+    /// Gathered plaintext of one write, reused.
+    plain: Vec<u8>,
+}
+
+impl TlsBufs {
+    fn take(&mut self, need: usize) -> Vec<u8> {
+        let pool = if need <= SMALL_BUF {
+            &mut self.small
+        } else {
+            &mut self.large
+        };
+        let mut b = pool.pop().unwrap_or_default();
+        b.clear();
+        b.reserve(need);
+        b
+    }
+
+    fn give(&mut self, mut b: Vec<u8>) {
+        if b.capacity() == 0 {
+            return;
+        }
+        b.clear();
+        let pool = if b.capacity() <= SMALL_BUF {
+            &mut self.small
+        } else {
+            &mut self.large
+        };
+        if pool.len() < POOL_MAX && b.capacity() <= TLS_WRITE_MAX + 8 * RECORD_OVERHEAD {
+            pool.push(b);
+        }
+    }
+}
+
+/// Append an encoding step's output to `buf`, growing it as rustls asks.
+fn encode_into(
+    buf: &mut Vec<u8>,
+    mut step: impl FnMut(&mut [u8]) -> Result<usize, usize>,
+) -> Result<(), ()> {
+    let mut room = 512;
+    loop {
+        let at = buf.len();
+        buf.resize(at + room, 0);
+        match step(&mut buf[at..]) {
+            Ok(n) => {
+                buf.truncate(at + n);
+                return Ok(());
+            }
+            Err(need) if need > room && need <= EXTRA_MAX + TLS_WRITE_MAX => {
+                buf.truncate(at);
+                room = need;
+            }
+            Err(_) => {
+                buf.truncate(at);
+                return Err(());
+            }
+        }
+    }
+}
+
+fn encode_err(e: EncodeError) -> usize {
+    match e {
+        EncodeError::InsufficientSize(s) => s.required_size,
+        _ => usize::MAX,
+    }
+}
+
+fn encrypt_err(e: EncryptError) -> usize {
+    match e {
+        EncryptError::InsufficientSize(s) => s.required_size,
+        _ => usize::MAX,
+    }
+}
+
+fn classify(e: &rustls::Error) -> TlsFailure {
+    use rustls::Error as E;
+    match e {
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. }
+        | E::PeerMisbehaved(_)
+        | E::AlertReceived(_) => TlsFailure::Protocol,
+        E::PeerIncompatible(_) | E::NoApplicationProtocol => TlsFailure::Incompatible,
+        E::DecryptError => TlsFailure::Decrypt,
+        E::General(m) if m.contains("certificate") => TlsFailure::UnknownName,
+        _ => TlsFailure::Other,
+    }
+}
+
+/// Whether `b` starts an HTTP request rather than a TLS record (which starts 0x14–0x18).
+fn looks_like_http(b: u8) -> bool {
+    b.is_ascii_uppercase()
+}
+
+const PLAIN_HTTP_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+    Content-Type: text/plain\r\n\
+    Content-Length: 53\r\n\
+    Connection: close\r\n\r\n\
+    This port speaks TLS: use https:// to reach it here.\n";
+
+impl<H> Core<H> {
+    /// A connection accepted on the TLS listener. Returns false when the worker already
+    /// has `--tls-max-handshakes` in progress (the connection is then closed at once).
+    pub(super) fn start_tls(&mut self, c: ConnId) -> bool {
+        let Some(tls) = self.shared.tls.as_ref() else {
+            return false;
+        };
+        if self.tls_handshaking >= self.shared.config.tls_max_handshakes {
+            self.counters.tls_handshakes_refused += 1;
+            return false;
+        }
+        let conn = match UnbufferedServerConnection::new(tls.config.clone()) {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(worker = self.id, error = %e, "TLS connection setup failed");
+                return false;
+            }
+        };
+        let i = c as usize;
+        if self.tls.len() <= i {
+            self.tls.resize_with(i + 1, || None);
+        }
+        self.tls[i] = Some(Box::new(TlsConn {
+            conn,
+            incoming: Vec::new(),
+            out: Vec::new(),
+            sent: 0,
+            covers: 0,
+            extra: Vec::new(),
+            handshaking: true,
+            closed: false,
+            first: true,
+        }));
+        self.tls_handshaking += 1;
+        self.conns[i].flags |= flag::TLS;
+        true
+    }
+
+    /// The connection is being forgotten: return its buffers, drop its session.
+    pub(super) fn drop_tls(&mut self, c: ConnId) {
+        let Some(t) = self.tls.get_mut(c as usize).and_then(Option::take) else {
+            return;
+        };
+        if t.handshaking {
+            self.tls_handshaking -= 1;
+        }
+        let t = *t;
+        self.tls_bufs.give(t.out);
+        self.tls_bufs.give(t.extra);
+    }
+
+    pub(super) fn tls_handshaking(&self, c: ConnId) -> bool {
+        self.tls
+            .get(c as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|t| t.handshaking)
+    }
+
+    fn count_tls_failure(&mut self, why: TlsFailure) {
+        let n = &mut self.counters;
+        match why {
+            TlsFailure::PlainHttp => n.tls_plain_http += 1,
+            TlsFailure::Protocol => n.tls_protocol_errors += 1,
+            TlsFailure::Incompatible => n.tls_incompatible += 1,
+            TlsFailure::UnknownName => n.tls_unknown_name += 1,
+            TlsFailure::Decrypt => n.tls_decrypt_errors += 1,
+            TlsFailure::Other => n.tls_other_errors += 1,
+        }
+    }
+
+    /// Ciphertext arrived on TLS connection `c`.
+    pub(super) fn tls_read(&mut self, c: ConnId, data: &[u8]) -> super::ReadOutcome {
+        use super::ReadOutcome;
+        let Some(mut t) = self.tls.get_mut(c as usize).and_then(Option::take) else {
+            return ReadOutcome::Stop;
+        };
+        if t.first && !data.is_empty() {
+            t.first = false;
+            if looks_like_http(data[0]) {
+                self.count_tls_failure(TlsFailure::PlainHttp);
+                t.extra.extend_from_slice(PLAIN_HTTP_ANSWER);
+                t.closed = true;
+                return self.tls_fail_done(c, t);
+            }
+        }
+        if t.incoming.len() + data.len() > INCOMING_MAX {
+            self.count_tls_failure(TlsFailure::Protocol);
+            self.tls[c as usize] = Some(t);
+            self.close(c);
+            return ReadOutcome::Stop;
+        }
+        t.incoming.extend_from_slice(data);
+        let mut plain: Vec<u8> = Vec::new();
+        let mut peer_closed = false;
+        let mut failure = None;
+        for _ in 0..1024 {
+            let TlsConn {
+                conn,
+                incoming,
+                extra,
+                ..
+            } = &mut *t;
+            let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming);
+            let mut stop = false;
+            match state {
+                Err(e) => {
+                    failure = Some(e);
+                    stop = true;
+                }
+                Ok(ConnectionState::ReadTraffic(mut r)) => {
+                    while let Some(rec) = r.next_record() {
+                        match rec {
+                            Ok(rec) => plain.extend_from_slice(rec.payload),
+                            Err(e) => {
+                                failure = Some(e);
+                                stop = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                    if extra.len() > EXTRA_MAX
+                        || encode_into(extra, |b| enc.encode(b).map_err(encode_err)).is_err()
+                    {
+                        failure = Some(rustls::Error::General("TLS output too large".into()));
+                        stop = true;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(tx)) => tx.done(),
+                Ok(ConnectionState::PeerClosed) => peer_closed = true,
+                // WriteTraffic (nothing more to do), BlockedHandshake, Closed, early data
+                // (never enabled), and states added by later rustls versions: wait for
+                // more input.
+                Ok(_) => stop = true,
+            }
+            incoming.drain(..discard);
+            if stop {
+                break;
+            }
+        }
+        if t.incoming.is_empty() {
+            t.incoming = Vec::new();
+        }
+        if t.handshaking && !t.conn.is_handshaking() {
+            t.handshaking = false;
+            self.tls_handshaking -= 1;
+            self.counters.tls_handshakes += 1;
+        }
+        if let Some(e) = failure {
+            self.count_tls_failure(classify(&e));
+            tracing::debug!(worker = self.id, conn = c, error = %e, "TLS connection failed");
+            // rustls queued the alert, if one is due: encode it behind what is queued.
+            let TlsConn {
+                conn,
+                incoming,
+                extra,
+                ..
+            } = &mut *t;
+            for _ in 0..4 {
+                let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);
+                let Ok(ConnectionState::EncodeTlsData(mut enc)) = state else {
+                    break;
+                };
+                if encode_into(extra, |b| enc.encode(b).map_err(encode_err)).is_err() {
+                    break;
+                }
+            }
+            t.closed = true;
+            return self.tls_fail_done(c, t);
+        }
+        let has_extra = !t.extra.is_empty();
+        self.tls[c as usize] = Some(t);
+        if has_extra {
+            self.mark_ready(c);
+        }
+        let mut outcome = ReadOutcome::Continue;
+        if !plain.is_empty() {
+            outcome = self.handle_plain(c, &plain);
+        }
+        if peer_closed {
+            self.handle_eof(c);
+            outcome = ReadOutcome::Stop;
+        }
+        outcome
+    }
+
+    /// After a failure: send what is queued (an alert, or the plain-HTTP answer), then
+    /// close.
+    fn tls_fail_done(&mut self, c: ConnId, t: Box<TlsConn>) -> super::ReadOutcome {
+        let has_extra = !t.extra.is_empty();
+        self.tls[c as usize] = Some(t);
+        if let Some(conn) = self.conns.get_mut(c as usize) {
+            conn.flags |= flag::TLS_CLOSE;
+            // Nothing of the HTTP side goes out any more.
+            conn.phase = if conn.phase == Phase::Closing {
+                Phase::Closing
+            } else {
+                Phase::Respond
+            };
+        }
+        if has_extra {
+            self.mark_ready(c);
+        } else {
+            self.close(c);
+        }
+        super::ReadOutcome::Stop
+    }
+
+    /// Whether TLS connection `c` has ciphertext to write, or plaintext to encrypt.
+    pub(super) fn tls_pending(&self, c: ConnId, plain_pending: bool) -> bool {
+        let Some(t) = self.tls.get(c as usize).and_then(Option::as_ref) else {
+            return false;
+        };
+        t.sent < t.out.len()
+            || !t.extra.is_empty()
+            || (plain_pending && !t.handshaking && !t.closed)
+    }
+
+    /// Before a write on TLS connection `c`: if the last ciphertext is all written, make
+    /// the next: what was queued beyond it, then the pending frames encrypted.
+    pub(super) fn tls_prepare(&mut self, c: ConnId) {
+        let Some(mut t) = self.tls.get_mut(c as usize).and_then(Option::take) else {
+            return;
+        };
+        if t.sent >= t.out.len() {
+            let done = std::mem::take(&mut t.out);
+            self.tls_bufs.give(done);
+            t.sent = 0;
+            t.covers = 0;
+            let extra = std::mem::take(&mut t.extra);
+            if !t.handshaking && !t.closed {
+                self.gather_plain(c);
+            }
+            let plain_len = self.tls_bufs.plain.len();
+            if extra.is_empty() {
+                t.out = self
+                    .tls_bufs
+                    .take(plain_len + records(plain_len) * RECORD_OVERHEAD + 64);
+            } else {
+                t.out = extra;
+            }
+            if plain_len > 0 {
+                let plain = std::mem::take(&mut self.tls_bufs.plain);
+                if self.encrypt(&mut t, &plain) {
+                    t.covers = plain.len();
+                }
+                self.tls_bufs.plain = plain;
+                self.tls_bufs.plain.clear();
+                // The connection ends with this write: say so in TLS too.
+                if t.covers > 0 && self.ends_after(c, t.covers) {
+                    let TlsConn { conn, out, .. } = &mut *t;
+                    if flush_output(conn, out) {
+                        if let Ok(ConnectionState::WriteTraffic(mut w)) =
+                            conn.process_tls_records(&mut []).state
+                        {
+                            let _ =
+                                encode_into(out, |b| w.queue_close_notify(b).map_err(encrypt_err));
+                        }
+                    }
+                    t.closed = true;
+                }
+            }
+        }
+        self.tls[c as usize] = Some(t);
+    }
+
+    /// Encrypt `plain` onto `t.out`. False (nothing added) if rustls refused, which ends
+    /// the connection.
+    fn encrypt(&mut self, t: &mut TlsConn, plain: &[u8]) -> bool {
+        let TlsConn { conn, out, .. } = t;
+        let ok = flush_output(conn, out)
+            && match conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::WriteTraffic(mut w)) => {
+                    encode_into(out, |b| w.encrypt(plain, b).map_err(encrypt_err)).is_ok()
+                }
+                _ => false,
+            };
+        if !ok {
+            self.counters.tls_other_errors += 1;
+        }
+        ok
+    }
+
+    /// Whether the connection closes once `covered` bytes of its pending frames are out:
+    /// a last response, or a drain trailer, with nothing after it.
+    fn ends_after(&self, c: ConnId, covered: usize) -> bool {
+        let Some(conn) = self.conns.get(c as usize) else {
+            return false;
+        };
+        let last = match conn.phase {
+            Phase::Respond => !conn.has(flag::KEEP_ALIVE),
+            Phase::Drain => conn.has(flag::FINAL),
+            _ => false,
+        };
+        last && covered >= self.pending_len(c)
+    }
+
+    /// Bytes pending in `c`'s frames (after what is already written), up to the cap.
+    fn pending_len(&self, c: ConnId) -> usize {
+        let Some(conn) = self.conns.get(c as usize) else {
+            return 0;
+        };
+        let mut total = 0usize;
+        let mut skip = conn.off as usize;
+        let mut add = |s: &[u8]| {
+            total += s.len().saturating_sub(skip);
+            skip = 0;
+            total < TLS_WRITE_MAX + 1
+        };
+        for f in conn.pre.iter() {
+            if !add(f) {
+                return total;
+            }
+        }
+        if conn.replay.is_none() {
+            let http10 = conn.has(flag::HTTP10);
+            walk_live(conn.subs.as_slice(), &self.topics, |_, ev| {
+                add(frame_of(ev, http10))
+            });
+        }
+        total
+    }
+
+    /// Copy `c`'s pending frames, in write order, into the worker's plaintext buffer, up
+    /// to [`TLS_WRITE_MAX`].
+    fn gather_plain(&mut self, c: ConnId) {
+        let mut plain = std::mem::take(&mut self.tls_bufs.plain);
+        plain.clear();
+        if let Some(conn) = self.conns.get(c as usize) {
+            let mut skip = conn.off as usize;
+            let mut push = |s: &[u8]| -> bool {
+                let s = &s[skip.min(s.len())..];
+                skip = 0;
+                let room = TLS_WRITE_MAX - plain.len();
+                plain.extend_from_slice(&s[..s.len().min(room)]);
+                plain.len() < TLS_WRITE_MAX
+            };
+            let mut room = true;
+            for f in conn.pre.iter() {
+                room = push(f);
+                if !room {
+                    break;
+                }
+            }
+            if room && conn.replay.is_none() {
+                let http10 = conn.has(flag::HTTP10);
+                walk_live(conn.subs.as_slice(), &self.topics, |_, ev| {
+                    push(frame_of(ev, http10))
+                });
+            }
+        }
+        self.tls_bufs.plain = plain;
+    }
+
+    /// The ciphertext to write for TLS connection `c` (after [`Core::tls_prepare`]).
+    pub(super) fn tls_out(&self, c: ConnId) -> &[u8] {
+        match self.tls.get(c as usize).and_then(Option::as_ref) {
+            Some(t) => &t.out[t.sent.min(t.out.len())..],
+            None => &[],
+        }
+    }
+
+    /// `n` bytes of TLS connection `c`'s ciphertext were written. Returns the plaintext
+    /// bytes of its frames now fully sent (to consume), if the buffer is done.
+    pub(super) fn tls_written(&mut self, c: ConnId, n: usize) -> usize {
+        let Some(t) = self.tls.get_mut(c as usize).and_then(Option::as_mut) else {
+            return 0;
+        };
+        t.sent += n;
+        if t.sent < t.out.len() {
+            return 0;
+        }
+        let covers = std::mem::take(&mut t.covers);
+        let done = std::mem::take(&mut t.out);
+        t.sent = 0;
+        self.tls_bufs.give(done);
+        covers
+    }
+}
+
+/// Encode whatever rustls has queued (a key update, tickets) onto `out`, until it is ready
+/// for application data. False if it never gets there.
+fn flush_output(conn: &mut UnbufferedServerConnection, out: &mut Vec<u8>) -> bool {
+    for _ in 0..16 {
+        match conn.process_tls_records(&mut []).state {
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                if encode_into(out, |b| enc.encode(b).map_err(encode_err)).is_err() {
+                    return false;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(tx)) => tx.done(),
+            Ok(ConnectionState::WriteTraffic(_)) => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
+fn records(n: usize) -> usize {
+    n.div_ceil(RECORD_MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tls_record_never_starts_with_an_http_method_letter() {
+        for b in 0x14u8..=0x18 {
+            assert!(!looks_like_http(b));
+        }
+        for m in ["GET", "POST", "HEAD", "OPTIONS", "PUT", "PRI"] {
+            assert!(looks_like_http(m.as_bytes()[0]));
+        }
+    }
+
+    #[test]
+    fn the_pool_keeps_small_and_large_buffers_apart_and_bounded() {
+        let mut p = TlsBufs::default();
+        let b = p.take(100);
+        assert!(b.capacity() >= 100);
+        p.give(b);
+        assert_eq!(p.small.len(), 1);
+        let b = p.take(TLS_WRITE_MAX);
+        p.give(b);
+        assert_eq!(p.large.len(), 1);
+        // A buffer grown past the largest write is not kept.
+        p.give(Vec::with_capacity(4 * TLS_WRITE_MAX));
+        assert_eq!(p.large.len(), 1);
+        for _ in 0..2 * POOL_MAX {
+            p.give(Vec::with_capacity(16));
+        }
+        assert_eq!(p.small.len(), POOL_MAX);
+    }
+}
