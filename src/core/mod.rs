@@ -420,6 +420,7 @@ impl<H> Core<H> {
     /// Publish this worker's counters for /metrics.
     pub fn publish_stats(&mut self) {
         self.counters.connections_open = self.conns.len() as u64;
+        self.counters.tls_handshakes_in_progress = self.tls_handshaking as u64;
         self.counters.loop_turns += 1;
         self.shared.stats[self.id].store(&self.counters);
     }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use herald::{BackendChoice, Config};
 
+pub mod tls;
+
 pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The backend under test, or None (with the reason printed) if it cannot run here. With
@@ -37,6 +39,8 @@ pub struct TestServer {
     pub server: Option<herald::Server>,
     pub addr: SocketAddr,
     pub ingest: SocketAddr,
+    /// The TLS listener, when the config set one.
+    pub tls: Option<SocketAddr>,
 }
 
 impl TestServer {
@@ -82,6 +86,7 @@ pub fn start(tweak: impl FnOnce(&mut Config)) -> Option<TestServer> {
     tweak(&mut c);
     let server = herald::start(c).expect("herald starts");
     let addr = server.listen_addr;
+    let tls = server.tls_addr;
     let ingest = server
         .ingest_addr
         .unwrap_or_else(|| "127.0.0.1:9".parse().unwrap());
@@ -89,6 +94,7 @@ pub fn start(tweak: impl FnOnce(&mut Config)) -> Option<TestServer> {
         server: Some(server),
         addr,
         ingest,
+        tls,
     })
 }
 
@@ -321,7 +327,7 @@ impl Client {
 }
 
 /// Read an HTTP response head; returns (status, lower-cased headers, bytes after it).
-pub fn read_head(stream: &mut TcpStream) -> (u16, HashMap<String, String>, Vec<u8>) {
+pub fn read_head(stream: &mut impl Read) -> (u16, HashMap<String, String>, Vec<u8>) {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 4096];
     loop {

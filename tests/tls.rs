@@ -1,0 +1,523 @@
+//! TLS on the backend under test, over real sockets with a rustls client that trusts a
+//! throwaway CA only: delivery, resume, partial writes, slow consumers, drain, SNI,
+//! resumption, reload under 1,000 open streams, and bad input (each refused, counted, and
+//! costing the other streams nothing).
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::tls::*;
+use common::*;
+use socket2::{Domain, Socket, Type};
+
+/// A server with TLS on (plaintext too, where the metrics are read), one certificate for
+/// localhost and 127.0.0.1.
+fn tls_server(
+    pki: &Pki,
+    tweak: impl FnOnce(&mut herald::Config),
+) -> Option<(TestServer, SocketAddr)> {
+    let (cert, key, _) = pki.leaf(&["localhost", "127.0.0.1"], "leaf");
+    let s = start(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls_certs = vec![herald::tls::CertPair { cert, key }];
+        tweak(c);
+    })?;
+    let tls = s.tls.expect("TLS listener");
+    Some((s, tls))
+}
+
+#[test]
+fn events_arrive_in_order_over_tls_1_3_and_1_2_and_resume_with_last_event_id() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |_| {}) else {
+        return;
+    };
+    for (v, name) in [
+        (&rustls::version::TLS13, "tls13"),
+        (&rustls::version::TLS12, "tls12"),
+    ] {
+        let cfg = pki.client().versions(&[v]).build();
+        let topic = format!("order-{name}");
+        let mut c = TlsClient::subscribe(tls, &cfg, &format!("/events/{topic}"));
+        assert_eq!(c.stream.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+        assert_eq!(c.stream.conn.protocol_version(), Some(v.version));
+        assert_eq!(
+            c.headers.get("content-type").map(String::as_str),
+            Some("text/event-stream; charset=utf-8")
+        );
+        wait_streams(s.addr, 1);
+        let lines: Vec<String> = (0..50)
+            .map(|i| event_line(&topic, &format!("e{i}")))
+            .collect();
+        ingest(s.ingest, &lines);
+        let got = c.wait_events(50).to_vec();
+        for (i, e) in got.iter().enumerate() {
+            assert_eq!(e.data, format!("e{i}"));
+        }
+        // Resume after event 19: exactly 20..49, then live.
+        let last = got[19].id.clone().expect("ids");
+        let mut r = TlsClient::get(
+            tls,
+            "localhost",
+            &cfg,
+            &format!("/events/{topic}"),
+            &format!("Last-Event-ID: {last}\r\n"),
+        );
+        assert_eq!(r.status, 200);
+        let replay = r.wait_events(30).to_vec();
+        assert_eq!(replay.first().map(|e| e.data.as_str()), Some("e20"));
+        assert_eq!(replay.last().map(|e| e.data.as_str()), Some("e49"));
+        ingest(s.ingest, &[event_line(&topic, "live")]);
+        assert_eq!(r.wait_events(31)[30].data, "live");
+        drop(c);
+        drop(r);
+        wait_for("streams to close", || {
+            metric(s.addr, "herald_streams_open") == 0
+        });
+    }
+    assert!(metric(s.addr, "herald_tls_handshakes_total") >= 4);
+    s.stop();
+}
+
+/// A subscriber socket with a small receive buffer, so the server's writes are partial.
+fn small_tls_socket(addr: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&addr.into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn tls_over(sock: TcpStream, cfg: &std::sync::Arc<rustls::ClientConfig>) -> TlsStream {
+    let conn = rustls::ClientConnection::new(
+        cfg.clone(),
+        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("handshake");
+    }
+    s
+}
+
+#[test]
+fn large_events_arrive_whole_through_partial_tls_writes() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |c| c.max_backlog = 16 << 20) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    let mut st = tls_over(small_tls_socket(tls), &cfg);
+    write!(st, "GET /events/big HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    st.flush().unwrap();
+    let (status, _, rest) = read_head(&mut st);
+    assert_eq!(status, 200);
+    wait_streams(s.addr, 1);
+    // 24 events of 96 KiB to 120 KiB each: several TLS records per event, more than the
+    // socket takes at once, and sizes that do not line up with records or writes.
+    let datas: Vec<String> = (0..24)
+        .map(|i| {
+            let len = (96 << 10) + i * 1021;
+            (0..len)
+                .map(|k| (b'a' + ((k + i) % 26) as u8) as char)
+                .collect()
+        })
+        .collect();
+    let lines: Vec<String> = datas.iter().map(|d| event_line("big", d)).collect();
+    let writes_before = metric(s.addr, "herald_writes_total");
+    ingest(s.ingest, &lines);
+    let mut parser = SseParser::new(true);
+    let mut events = Vec::new();
+    parser.feed(&rest, &mut events);
+    let mut buf = [0u8; 1500];
+    let deadline = Instant::now() + WAIT;
+    while events.len() < datas.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} events",
+            events.len(),
+            datas.len()
+        );
+        let n = st.read(&mut buf).expect("read");
+        assert!(n > 0, "closed early");
+        parser.feed(&buf[..n], &mut events);
+    }
+    for (e, d) in events.iter().zip(&datas) {
+        assert_eq!(e.data.len(), d.len());
+        assert!(e.data == *d, "event bytes differ");
+    }
+    // The 2.5 MB could not go in one write per event: the writes were partial and resumed.
+    assert!(metric(s.addr, "herald_writes_total") - writes_before > datas.len() as u64);
+    assert_eq!(metric(s.addr, "herald_slow_consumer_disconnects_total"), 0);
+    s.stop();
+}
+
+#[test]
+fn a_stalled_tls_subscriber_is_cut_and_a_fast_one_gets_everything() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |c| {
+        c.max_backlog = 64 << 10;
+        c.workers = 1;
+    }) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    // The slow one completes its handshake and request, then never reads again.
+    let mut slow = tls_over(small_tls_socket(tls), &cfg);
+    write!(slow, "GET /events/race HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    slow.flush().unwrap();
+    let mut fast = TlsClient::subscribe(tls, &cfg, "/events/race");
+    wait_streams(s.addr, 2);
+    // In batches the fast reader keeps up with (a burst bigger than the backlog cap would
+    // cut any reader), while the stalled one's backlog grows past it.
+    let payload = "x".repeat(4000);
+    for batch in 0..20 {
+        let lines: Vec<String> = (batch * 10..batch * 10 + 10)
+            .map(|i| event_line("race", &format!("{i}:{payload}")))
+            .collect();
+        ingest(s.ingest, &lines);
+        fast.wait_events(batch * 10 + 10);
+    }
+    let got = &fast.events;
+    for (i, e) in got.iter().enumerate() {
+        assert!(e.data.starts_with(&format!("{i}:")));
+    }
+    wait_for("the stalled subscriber to be cut", || {
+        metric(s.addr, "herald_slow_consumer_disconnects_total") >= 1
+    });
+    drop(slow);
+    s.stop();
+}
+
+#[test]
+fn drain_ends_every_tls_stream_with_its_events_the_retry_hint_and_close_notify() {
+    let pki = Pki::new();
+    let Some((mut s, tls)) = tls_server(&pki, |c| c.retry = Some(1500)) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    let mut clients: Vec<TlsClient> = (0..4)
+        .map(|_| TlsClient::subscribe(tls, &cfg, "/events/drain"))
+        .collect();
+    wait_streams(s.addr, 4);
+    let lines: Vec<String> = (0..20)
+        .map(|i| event_line("drain", &format!("d{i}")))
+        .collect();
+    ingest(s.ingest, &lines);
+    for c in clients.iter_mut() {
+        c.wait_events(20);
+    }
+    let server = s.server.take().unwrap();
+    let stopper = std::thread::spawn(move || server.shutdown());
+    for c in clients.iter_mut() {
+        let end = c.read_to_end();
+        assert_eq!(end, Ok(()), "the stream ended without a TLS close_notify");
+        assert!(c.parser.ended, "no last chunk");
+        // No shorter than the configured retry (the drain spreads reconnects above it).
+        assert!(
+            c.parser.retry.is_some_and(|r| r >= 1500),
+            "{:?}",
+            c.parser.retry
+        );
+        assert_eq!(c.events.len(), 20);
+    }
+    stopper.join().unwrap().expect("clean shutdown");
+}
+
+#[test]
+fn sni_picks_the_certificate_and_no_sni_gets_the_first() {
+    let pki = Pki::new();
+    let (ca, ka, der_a) = pki.leaf(&["localhost", "127.0.0.1"], "a");
+    let (cb, kb, der_b) = pki.leaf(&["other.test", "*.wild.test"], "b");
+    let Some(s) = start(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls_certs = vec![
+            herald::tls::CertPair { cert: ca, key: ka },
+            herald::tls::CertPair { cert: cb, key: kb },
+        ];
+    }) else {
+        return;
+    };
+    let tls = s.tls.unwrap();
+    let cfg = pki.client().build();
+    assert_eq!(peer_leaf(&connect(tls, "localhost", &cfg).unwrap()), der_a);
+    assert_eq!(peer_leaf(&connect(tls, "other.test", &cfg).unwrap()), der_b);
+    assert_eq!(
+        peer_leaf(&connect(tls, "x.wild.test", &cfg).unwrap()),
+        der_b
+    );
+    // An IP address is not sent as SNI: the default certificate.
+    assert_eq!(peer_leaf(&connect(tls, "127.0.0.1", &cfg).unwrap()), der_a);
+    // A name no certificate covers is refused with an alert, and counted.
+    let err = connect(tls, "nobody.test", &cfg).err().expect("refused");
+    assert!(err.to_string().contains("alert"), "{err}");
+    wait_for("the unknown name counted", || {
+        metric(s.addr, "herald_tls_unknown_name_total") == 1
+    });
+    s.stop();
+}
+
+#[test]
+fn sessions_resume_with_tickets_on_tls_1_3_and_1_2() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |_| {}) else {
+        return;
+    };
+    for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        // One config = one client-side session cache.
+        let cfg = pki.client().versions(&[v]).build();
+        let mut first = connect(tls, "localhost", &cfg).unwrap();
+        assert_eq!(
+            first.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        // TLS 1.3 tickets arrive after the handshake: read the response to get them.
+        write!(
+            first,
+            "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = Vec::new();
+        let _ = first.read_to_end(&mut body);
+        let second = connect(tls, "localhost", &cfg).unwrap();
+        assert_eq!(
+            second.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{:?}",
+            v.version
+        );
+    }
+    s.stop();
+}
+
+#[test]
+fn hsts_is_sent_on_tls_responses_only() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |c| c.hsts = Some(Duration::from_secs(86400))) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    let (status, headers, body) = https_get(tls, &cfg, "/healthz");
+    assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
+    assert_eq!(
+        headers.get("strict-transport-security").map(String::as_str),
+        Some("max-age=86400")
+    );
+    let c = TlsClient::subscribe(tls, &cfg, "/events/h");
+    assert_eq!(
+        c.headers
+            .get("strict-transport-security")
+            .map(String::as_str),
+        Some("max-age=86400")
+    );
+    assert!(!http_get(s.addr, "/healthz")
+        .headers
+        .contains_key("strict-transport-security"));
+    s.stop();
+}
+
+/// Read until the server closes (or resets); returns what arrived.
+fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[test]
+fn bad_tls_input_is_refused_counted_and_costs_the_live_streams_nothing() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |c| c.head_timeout = Duration::from_millis(300)) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    let mut live = TlsClient::subscribe(tls, &cfg, "/events/live");
+    wait_streams(s.addr, 1);
+
+    // Plain HTTP to the TLS port: a readable 400, then the close.
+    let mut plain = TcpStream::connect(tls).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain
+        .write_all(b"GET /events/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let answer = String::from_utf8(read_until_closed(&mut plain)).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("https://"), "{answer}");
+    assert_eq!(metric(s.addr, "herald_tls_plain_http_total"), 1);
+
+    // Garbage: a record header that is not TLS.
+    let mut junk = TcpStream::connect(tls).unwrap();
+    junk.set_read_timeout(Some(WAIT)).unwrap();
+    junk.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff]).unwrap();
+    junk.write_all(&[0xab; 600]).unwrap();
+    let reply = read_until_closed(&mut junk);
+    // At most an alert record (type 21), never anything else.
+    assert!(reply.is_empty() || reply[0] == 0x15, "{reply:?}");
+    wait_for("the bad record counted", || {
+        metric(s.addr, "herald_tls_protocol_errors_total") >= 1
+    });
+
+    // A client that speaks only a protocol herald does not offer.
+    let h2_only = pki.client().alpn(&[b"h2"]).build();
+    assert!(connect(tls, "localhost", &h2_only).is_err());
+    wait_for("the ALPN refusal counted", || {
+        metric(s.addr, "herald_tls_incompatible_total") >= 1
+    });
+
+    // A handshake that stalls half way: closed by the head timeout, and counted.
+    let mut stall = TcpStream::connect(tls).unwrap();
+    stall.set_read_timeout(Some(WAIT)).unwrap();
+    stall
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .unwrap();
+    let t0 = Instant::now();
+    read_until_closed(&mut stall);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    wait_for("the stalled handshake counted", || {
+        metric(s.addr, "herald_tls_handshake_timeouts_total") >= 1
+    });
+
+    // The established stream never noticed.
+    ingest(s.ingest, &[event_line("live", "still here")]);
+    assert_eq!(live.wait_events(1)[0].data, "still here");
+    assert_eq!(metric(s.addr, "herald_streams_open"), 1);
+    s.stop();
+}
+
+#[test]
+fn handshakes_in_progress_are_bounded_per_worker() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |c| {
+        c.workers = 1;
+        c.tls_max_handshakes = 2;
+    }) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    // Two connections that never send a ClientHello hold both handshake places.
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(tls).unwrap()).collect();
+    wait_for("both handshakes to be in progress", || {
+        metric(s.addr, "herald_tls_handshakes_in_progress") == 2
+    });
+    let mut third = TcpStream::connect(tls).unwrap();
+    third.set_read_timeout(Some(WAIT)).unwrap();
+    let t0 = Instant::now();
+    assert!(read_until_closed(&mut third).is_empty());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "closed at once, not at a timeout"
+    );
+    assert_eq!(metric(s.addr, "herald_tls_handshakes_refused_total"), 1);
+    // Places free when those connections go.
+    drop(held);
+    wait_for("the held connections to close", || {
+        metric(s.addr, "herald_connections_open") <= 1
+    });
+    let c = TlsClient::subscribe(tls, &cfg, "/events/after");
+    assert_eq!(c.status, 200);
+    s.stop();
+}
+
+#[test]
+fn reload_swaps_certificates_under_a_thousand_open_streams_and_drops_none() {
+    let pki = Pki::new();
+    let (cert, key, old_der) = pki.leaf(&["localhost"], "leaf");
+    let Some(s) = start(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls_certs = vec![herald::tls::CertPair {
+            cert: cert.clone(),
+            key: key.clone(),
+        }];
+    }) else {
+        return;
+    };
+    let tls = s.tls.unwrap();
+    let cfg = pki.client().build();
+    let n = 1000;
+    let mut crowd = TlsCrowd::connect(tls, &cfg, "/events/reload", n);
+    assert!(
+        crowd.pump_until(WAIT, |cs| cs.iter().all(|c| c.streaming())),
+        "not every stream started"
+    );
+    wait_streams(s.addr, n as u64);
+
+    // New files in place, then the reload.
+    let (_, _, new_der) = pki.leaf(&["localhost"], "next");
+    std::fs::copy(pki.dir.join("next.pem"), &cert).unwrap();
+    std::fs::copy(pki.dir.join("next.key"), &key).unwrap();
+    assert_eq!(s.server.as_ref().unwrap().reload_tls(), Ok(1));
+    assert_ne!(new_der, old_der);
+    // A fresh client each time: a resumed session would show the certificate it began with.
+    let fresh = || pki.client().build();
+    assert_eq!(
+        peer_leaf(&connect(tls, "localhost", &fresh()).unwrap()),
+        new_der
+    );
+
+    // A broken file: refused, and the good pair stays.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    assert!(s.server.as_ref().unwrap().reload_tls().is_err());
+    assert_eq!(
+        peer_leaf(&connect(tls, "localhost", &fresh()).unwrap()),
+        new_der
+    );
+
+    // Every old stream is still there and still delivering.
+    ingest(s.ingest, &[event_line("reload", "after")]);
+    assert!(
+        crowd.pump_until(WAIT, |cs| cs.iter().all(|c| c.events.len() == 1)),
+        "{} of {n} streams got the event",
+        crowd.conns.iter().filter(|c| c.events.len() == 1).count()
+    );
+    assert!(crowd
+        .conns
+        .iter()
+        .all(|c| !c.closed && c.events[0].data == "after"));
+    assert_eq!(metric(s.addr, "herald_streams_open"), n as u64);
+    s.stop();
+}
+
+#[test]
+fn sighup_reloads_the_certificates_of_the_running_binary() {
+    let pki = Pki::new();
+    let (cert, key, old_der) = pki.leaf(&["localhost"], "leaf");
+    let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (cert_s, key_s, tls_s) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        tls.to_string(),
+    );
+    let Some((child, addr)) = spawn(&[
+        "--tls-listen",
+        &tls_s,
+        "--tls-cert",
+        &cert_s,
+        "--tls-key",
+        &key_s,
+    ]) else {
+        return;
+    };
+    wait_for("the TLS listener", || TcpStream::connect(tls).is_ok());
+    let cfg = pki.client().build();
+    let mut stream = TlsClient::subscribe(tls, &cfg, "/events/hup");
+    assert_eq!(peer_leaf(&stream.stream), old_der);
+    let (_, _, new_der) = pki.leaf(&["localhost"], "next");
+    std::fs::copy(pki.dir.join("next.pem"), &cert).unwrap();
+    std::fs::copy(pki.dir.join("next.key"), &key).unwrap();
+    signal(&child, "-HUP");
+    wait_for("the new certificate", || {
+        peer_leaf(&connect(tls, "localhost", &pki.client().build()).unwrap()) == new_der
+    });
+    // The stream opened before the reload still delivers.
+    http_publish(addr, "hup", "after the reload");
+    assert_eq!(stream.wait_events(1)[0].data, "after the reload");
+    drop(child);
+}
