@@ -71,6 +71,7 @@ counters! {
     accept_pauses: "counter", "Accepts paused because the process ran out of descriptors or memory";
     loop_turns: "counter", "Event loop iterations";
     tls_handshakes: "counter", "TLS handshakes completed";
+    tls_buffer_bytes: "gauge", "Bytes of buffers held by TLS connections: ciphertext being written or queued, partial records read (an idle TLS stream holds none)";
     tls_handshakes_in_progress: "gauge", "TLS handshakes in progress (bounded per worker by --tls-max-handshakes)";
     tls_handshakes_refused: "counter", "TLS connections closed at accept: the worker had --tls-max-handshakes in progress";
     tls_handshake_timeouts: "counter", "TLS connections closed mid-handshake by --head-timeout";

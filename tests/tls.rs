@@ -521,3 +521,100 @@ fn sighup_reloads_the_certificates_of_the_running_binary() {
     assert_eq!(stream.wait_events(1)[0].data, "after the reload");
     drop(child);
 }
+
+#[test]
+fn drain_with_tls_writes_in_flight_ends_every_stream_whole() {
+    let pki = Pki::new();
+    let Some((mut s, tls)) = tls_server(&pki, |c| {
+        c.max_backlog = 8 << 20;
+        c.drain_window = Duration::from_secs(2);
+    }) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    let mut subs: Vec<TlsStream> = (0..6)
+        .map(|_| {
+            let mut st = tls_over(small_tls_socket(tls), &cfg);
+            write!(
+                st,
+                "GET /events/inflight HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            )
+            .unwrap();
+            st.flush().unwrap();
+            st
+        })
+        .collect();
+    wait_streams(s.addr, 6);
+    let datas: Vec<String> = (0..30)
+        .map(|i| format!("{i}:{}", "z".repeat(10_000)))
+        .collect();
+    ingest(
+        s.ingest,
+        &datas
+            .iter()
+            .map(|d| event_line("inflight", d))
+            .collect::<Vec<_>>(),
+    );
+    // The sockets are full: each stream has ciphertext written in part, held until its
+    // client reads.
+    wait_for("ciphertext in flight", || {
+        metric(s.addr, "herald_tls_buffer_bytes") > 0
+    });
+    let server = s.server.take().unwrap();
+    let stopper = std::thread::spawn(move || server.shutdown());
+    let readers: Vec<_> = subs
+        .drain(..)
+        .map(|mut st| {
+            std::thread::spawn(move || {
+                let (status, _, rest) = read_head(&mut st);
+                assert_eq!(status, 200);
+                let mut parser = SseParser::new(true);
+                let mut events = Vec::new();
+                parser.feed(&rest, &mut events);
+                let mut buf = [0u8; 1500];
+                let end = loop {
+                    match st.read(&mut buf) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => parser.feed(&buf[..n], &mut events),
+                        Err(e) => break Err(e.kind()),
+                    }
+                };
+                (end, parser.ended, parser.retry, events)
+            })
+        })
+        .collect();
+    for r in readers {
+        let (end, ended, retry, events) = r.join().unwrap();
+        assert_eq!(end, Ok(()), "no close_notify");
+        assert!(ended, "no last chunk");
+        assert!(retry.is_some(), "no retry hint");
+        assert_eq!(events.len(), datas.len());
+        for (e, d) in events.iter().zip(&datas) {
+            assert!(e.data == *d, "an event arrived damaged");
+        }
+    }
+    stopper.join().unwrap().expect("clean shutdown");
+}
+
+#[test]
+fn idle_tls_streams_hold_no_buffers() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |_| {}) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    let n = 50;
+    let mut crowd = TlsCrowd::connect(tls, &cfg, "/events/idle", n);
+    assert!(crowd.pump_until(WAIT, |cs| cs.iter().all(|c| c.streaming())));
+    wait_streams(s.addr, n as u64);
+    let lines: Vec<String> = (0..20)
+        .map(|i| event_line("idle", &format!("{i}:{}", "q".repeat(2000))))
+        .collect();
+    ingest(s.ingest, &lines);
+    assert!(crowd.pump_until(WAIT, |cs| cs.iter().all(|c| c.events.len() == 20)));
+    // Everything is written: no stream keeps a ciphertext or read buffer.
+    wait_for("TLS buffers to be returned", || {
+        metric(s.addr, "herald_tls_buffer_bytes") == 0
+    });
+    s.stop();
+}

@@ -330,6 +330,8 @@ pub struct Core<H> {
     tls: Vec<Option<Box<tls::TlsConn>>>,
     tls_bufs: tls::TlsBufs,
     tls_handshaking: usize,
+    /// Bytes of buffers TLS connections hold (the pool's own are not counted).
+    tls_held: usize,
 }
 
 impl<H> Core<H> {
@@ -363,6 +365,7 @@ impl<H> Core<H> {
             tls: Vec::new(),
             tls_bufs: tls::TlsBufs::default(),
             tls_handshaking: 0,
+            tls_held: 0,
             shared,
         }
     }
@@ -421,6 +424,7 @@ impl<H> Core<H> {
     pub fn publish_stats(&mut self) {
         self.counters.connections_open = self.conns.len() as u64;
         self.counters.tls_handshakes_in_progress = self.tls_handshaking as u64;
+        self.counters.tls_buffer_bytes = self.tls_held as u64;
         self.counters.loop_turns += 1;
         self.shared.stats[self.id].store(&self.counters);
     }

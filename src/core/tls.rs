@@ -68,6 +68,15 @@ pub(crate) struct TlsConn {
     closed: bool,
     /// Nothing has been read yet (plain-HTTP detection).
     first: bool,
+    /// Buffer bytes this connection holds, as last counted in `Core::tls_held`.
+    held: usize,
+}
+
+impl TlsConn {
+    /// The capacity of the buffers this connection holds.
+    fn buffers(&self) -> usize {
+        self.incoming.capacity() + self.out.capacity() + self.extra.capacity()
+    }
 }
 
 /// The per-worker TLS buffers.
@@ -206,6 +215,7 @@ impl<H> Core<H> {
             handshaking: true,
             closed: false,
             first: true,
+            held: 0,
         }));
         self.tls_handshaking += 1;
         self.conns[i].flags |= flag::TLS;
@@ -220,6 +230,7 @@ impl<H> Core<H> {
         if t.handshaking {
             self.tls_handshaking -= 1;
         }
+        self.tls_held -= t.held;
         let t = *t;
         self.tls_bufs.give(t.out);
         self.tls_bufs.give(t.extra);
@@ -230,6 +241,14 @@ impl<H> Core<H> {
             .get(c as usize)
             .and_then(Option::as_ref)
             .is_some_and(|t| t.handshaking)
+    }
+
+    /// Put `t` back as connection `c`'s session, counting the buffers it now holds.
+    fn put_tls(&mut self, c: ConnId, mut t: Box<TlsConn>) {
+        let now = t.buffers();
+        self.tls_held = self.tls_held + now - t.held;
+        t.held = now;
+        self.tls[c as usize] = Some(t);
     }
 
     fn count_tls_failure(&mut self, why: TlsFailure) {
@@ -261,7 +280,7 @@ impl<H> Core<H> {
         }
         if t.incoming.len() + data.len() > INCOMING_MAX {
             self.count_tls_failure(TlsFailure::Protocol);
-            self.tls[c as usize] = Some(t);
+            self.put_tls(c, t);
             self.close(c);
             return ReadOutcome::Stop;
         }
@@ -346,7 +365,7 @@ impl<H> Core<H> {
             return self.tls_fail_done(c, t);
         }
         let has_extra = !t.extra.is_empty();
-        self.tls[c as usize] = Some(t);
+        self.put_tls(c, t);
         if has_extra {
             self.mark_ready(c);
         }
@@ -365,7 +384,7 @@ impl<H> Core<H> {
     /// close.
     fn tls_fail_done(&mut self, c: ConnId, t: Box<TlsConn>) -> super::ReadOutcome {
         let has_extra = !t.extra.is_empty();
-        self.tls[c as usize] = Some(t);
+        self.put_tls(c, t);
         if let Some(conn) = self.conns.get_mut(c as usize) {
             conn.flags |= flag::TLS_CLOSE;
             // Nothing of the HTTP side goes out any more.
@@ -438,7 +457,7 @@ impl<H> Core<H> {
                 }
             }
         }
-        self.tls[c as usize] = Some(t);
+        self.put_tls(c, t);
     }
 
     /// Encrypt `plain` onto `t.out`. False (nothing added) if rustls refused, which ends
@@ -550,6 +569,9 @@ impl<H> Core<H> {
         let covers = std::mem::take(&mut t.covers);
         let done = std::mem::take(&mut t.out);
         t.sent = 0;
+        let now = t.buffers();
+        self.tls_held = self.tls_held + now - t.held;
+        t.held = now;
         self.tls_bufs.give(done);
         covers
     }
