@@ -253,7 +253,7 @@ fn sni_picks_the_certificate_and_no_sni_gets_the_first() {
     // An IP address is not sent as SNI: the default certificate.
     assert_eq!(peer_leaf(&connect(tls, "127.0.0.1", &cfg).unwrap()), der_a);
     // A name no certificate covers is refused with an alert, and counted.
-    let err = connect(tls, "nobody.test", &cfg).err().expect("refused");
+    let err = connect(tls, "nobody.test", &cfg).expect_err("refused");
     assert!(err.to_string().contains("alert"), "{err}");
     wait_for("the unknown name counted", || {
         metric(s.addr, "herald_tls_unknown_name_total") == 1
