@@ -46,6 +46,10 @@ fn main() -> anyhow::Result<()> {
                 break 'wait Some(sig);
             }
             // SIGHUP: reload certificates; nothing else changes, no connection closes.
+            if server.tls_addr.is_none() {
+                tracing::info!("SIGHUP: no TLS configured, nothing to reload");
+                continue;
+            }
             match server.reload_tls() {
                 Ok(n) => tracing::info!(certificates = n, "TLS certificates reloaded"),
                 Err(e) => {

@@ -116,6 +116,27 @@ impl Counters {
 }
 
 /// Render `/metrics`: hub totals, then per-worker series labelled `worker`, then sums.
+/// The TLS certificate store's process-wide figures.
+pub fn render_tls(out: &mut String, certs: &crate::tls::CertStore) {
+    let (reloads, failures) = certs.reloads();
+    for (name, help, v) in [
+        (
+            "tls_reloads_total",
+            "Certificate reloads that took effect (SIGHUP)",
+            reloads,
+        ),
+        (
+            "tls_reload_failures_total",
+            "Certificate reloads refused (bad or missing files; the old ones stay)",
+            failures,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP herald_{name} {help}");
+        let _ = writeln!(out, "# TYPE herald_{name} counter");
+        let _ = writeln!(out, "herald_{name} {v}");
+    }
+}
+
 pub fn render(hub: &Hub, workers: &[std::sync::Arc<WorkerStats>], backend: &str) -> String {
     let mut out = String::with_capacity(4096);
     let per: Vec<Vec<u64>> = workers.iter().map(|w| w.load().values()).collect();

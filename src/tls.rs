@@ -35,7 +35,6 @@ struct CertSet {
 pub struct CertStore {
     pairs: Vec<CertPair>,
     set: RwLock<Arc<CertSet>>,
-    unknown_sni: AtomicU64,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
 }
@@ -71,10 +70,6 @@ impl CertStore {
         }
     }
 
-    pub fn unknown_sni(&self) -> u64 {
-        self.unknown_sni.load(Ordering::Relaxed)
-    }
-
     pub fn reloads(&self) -> (u64, u64) {
         (
             self.reloads.load(Ordering::Relaxed),
@@ -98,7 +93,7 @@ impl ResolvesServerCert for CertStore {
             })
         });
         if found.is_none() {
-            self.unknown_sni.fetch_add(1, Ordering::Relaxed);
+            // Counted by the worker (herald_tls_unknown_name_total), from rustls' error.
             tracing::debug!(sni = name, "TLS handshake for a name no certificate covers");
         }
         found.cloned()
@@ -183,7 +178,6 @@ impl Tls {
         let certs = Arc::new(CertStore {
             pairs: pairs.to_vec(),
             set: RwLock::new(Arc::new(set)),
-            unknown_sni: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
         });

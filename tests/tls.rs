@@ -465,6 +465,12 @@ fn reload_swaps_certificates_under_a_thousand_open_streams_and_drops_none() {
     // A broken file: refused, and the good pair stays.
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
     assert!(s.server.as_ref().unwrap().reload_tls().is_err());
+    let text = http_get(s.addr, "/metrics").text();
+    assert!(text.contains("herald_tls_reloads_total 1\n"), "{text}");
+    assert!(
+        text.contains("herald_tls_reload_failures_total 1\n"),
+        "{text}"
+    );
     assert_eq!(
         peer_leaf(&connect(tls, "localhost", &fresh()).unwrap()),
         new_der

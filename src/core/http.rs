@@ -193,7 +193,11 @@ impl<H> Core<H> {
             Route::Health => self.respond(c, simple(200, "text/plain", b"ok\n"), keep),
             Route::Metrics => {
                 let backend = self.shared.backend.get().copied().unwrap_or("unknown");
-                let text = crate::metrics::render(&self.shared.hub, &self.shared.stats, backend);
+                let mut text =
+                    crate::metrics::render(&self.shared.hub, &self.shared.stats, backend);
+                if let Some(tls) = self.shared.tls.as_ref() {
+                    crate::metrics::render_tls(&mut text, &tls.certs);
+                }
                 let ct = "text/plain; version=0.0.4; charset=utf-8";
                 self.respond(c, simple(200, ct, text.as_bytes()), keep)
             }
