@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything herald's real-client tests need (tests/clients/):
 #   - Debian's chromium (/usr/bin/chromium), plus curl and socat if missing
+#   - for the TLS client tests: openssl (test CA, `openssl s_client`) and libnss3-tools
+#     (`certutil`, to trust the test CA in a temporary NSS database for Chromium)
 #   - npm packages of tests/clients (playwright-core, eventsource) via `npm ci`
 #   - a Python venv at tests/clients/.venv with httpx, httpx-sse, pytest
 #
@@ -40,6 +42,8 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v certutil >/dev/null 2>&1 || missing+=(libnss3-tools)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
@@ -66,6 +70,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
         run apt_install
     fi
     [ -x /usr/bin/chromium ] || { echo "install-test-deps: /usr/bin/chromium still missing" >&2; exit 1; }
+    for c in curl openssl certutil; do
+        command -v "$c" >/dev/null 2>&1 || { echo "install-test-deps: $c still missing" >&2; exit 1; }
+    done
 fi
 
 # ---------------------------------------------------------------- npm packages

@@ -2,10 +2,11 @@
 // ports, publish over the ingest socket or HTTP, small bounded-wait helpers.
 //
 // Env: HERALD_BIN (path to the binary), HERALD_BACKEND (auto|uring|epoll).
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -100,22 +101,37 @@ export async function startHerald({
   extraArgs = [],
   listenPort,
   ingestPort,
+  tls, // optional {pairs: [{cert, key}, ...] (the first is the default), hsts: '1d'}
   readyTimeout = 10000,
 } = {}) {
-  listenPort = listenPort || await freePort();
-  ingestPort = ingestPort || await freePort();
-  if (ingestPort === listenPort) ingestPort = await freePort();
+  const used = new Set();
+  const pick = async (p) => {
+    p = p || await freePort();
+    while (used.has(p)) p = await freePort();
+    used.add(p);
+    return p;
+  };
+  listenPort = await pick(listenPort);
+  ingestPort = await pick(ingestPort);
+  const tlsPort = tls ? await pick() : undefined;
   const args = ['serve',
     '--listen', `127.0.0.1:${listenPort}`,
     '--ingest', `127.0.0.1:${ingestPort}`,
     '--backend', backend,
-    '--workers', '2',
-    ...extraArgs];
+    '--workers', '2'];
+  if (tls) {
+    args.push('--tls-listen', `127.0.0.1:${tlsPort}`);
+    for (const { cert, key } of tls.pairs) args.push('--tls-cert', cert, '--tls-key', key);
+    if (tls.hsts) args.push('--hsts', tls.hsts);
+  }
+  args.push(...extraArgs);
 
   const h = {
     base: `http://127.0.0.1:${listenPort}`,
+    tlsBase: tls ? `https://127.0.0.1:${tlsPort}` : undefined,
     listenPort,
     ingestPort,
+    tlsPort,
     bin,
     args,
     child: null,
@@ -261,4 +277,65 @@ export async function publishHttp(base, topic, data, { event, id, retry, timeout
 let topicSeq = 0;
 export function topicName(prefix = 't') {
   return `${prefix}-${process.pid}-${Date.now().toString(36)}-${++topicSeq}`;
+}
+
+/** GET /metrics: a Map of the unlabelled (process-wide) samples, name -> number. */
+export async function metrics(base) {
+  const r = await httpGet(`${base}/metrics`, { timeout: 5000 });
+  if (r.status !== 200) throw new Error(`GET /metrics -> ${r.status}`);
+  const out = new Map();
+  for (const line of r.body.split('\n')) {
+    if (!line || line.startsWith('#') || line.includes('{')) continue;
+    const [name, value] = line.split(' ');
+    out.set(name, Number(value));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- TLS test PKI
+
+const tempDirs = [];
+process.on('exit', () => {
+  for (const d of tempDirs) {
+    try { fs.rmSync(d, { recursive: true, force: true }); } catch { /* best effort */ }
+  }
+});
+
+/** A temporary directory removed when the process exits. */
+export function tempDir(prefix) {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  tempDirs.push(d);
+  return d;
+}
+
+/**
+ * A fresh test CA and leaves (tests/clients/tls-fixture.sh) in a temporary directory:
+ * {dir, ca, caPem, localhost: {cert, key}, other: {...}, reloaded: {...}, serials: {LOCALHOST_SERIAL, ...}}.
+ */
+export function makePki() {
+  const dir = tempDir('herald-pki-');
+  execFileSync(path.join(HERE, 'tls-fixture.sh'), [dir], { stdio: ['ignore', 'ignore', 'inherit'], timeout: 60000 });
+  const pair = (n) => ({ cert: path.join(dir, `${n}.pem`), key: path.join(dir, `${n}.key`) });
+  const serials = Object.fromEntries(fs.readFileSync(path.join(dir, 'serials.env'), 'utf8')
+    .split('\n').filter(Boolean).map((l) => l.split('=')));
+  const ca = path.join(dir, 'ca.pem');
+  return { dir, ca, caPem: fs.readFileSync(ca, 'utf8'), localhost: pair('localhost'), other: pair('other'), reloaded: pair('reloaded'), serials };
+}
+
+/**
+ * A temporary HOME whose NSS database ($HOME/.pki/nssdb, what Chromium on Linux reads)
+ * trusts `caFile` as a TLS CA, made with NSS's own certutil. Without a CA: an empty database.
+ */
+export function makeNssHome(caFile) {
+  const home = tempDir('herald-home-');
+  const db = path.join(home, '.pki', 'nssdb');
+  fs.mkdirSync(db, { recursive: true });
+  const certutil = (...a) => execFileSync('certutil', ['-d', `sql:${db}`, ...a], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 30000 });
+  certutil('-N', '--empty-password');
+  if (caFile) {
+    certutil('-A', '-n', 'herald test CA', '-t', 'C,,', '-i', caFile);
+    const list = certutil('-L').toString();
+    if (!list.includes('herald test CA')) throw new Error(`certutil did not list the CA:\n${list}`);
+  }
+  return home;
 }
