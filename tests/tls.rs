@@ -624,3 +624,39 @@ fn idle_tls_streams_hold_no_buffers() {
     });
     s.stop();
 }
+
+#[test]
+fn a_client_close_notify_is_answered_with_ours() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |_| {}) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    // On a keep-alive connection between requests, and on an open stream.
+    let mut idle = connect(tls, "localhost", &cfg).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    idle.flush().unwrap();
+    let (status, _, _) = read_head(&mut idle);
+    assert_eq!(status, 200);
+    let mut stream = TlsClient::subscribe(tls, &cfg, "/events/bye");
+    for st in [&mut idle, &mut stream.stream] {
+        st.conn.send_close_notify();
+        st.flush().unwrap();
+        let mut rest = Vec::new();
+        // Ok only if the server's close_notify came before its FIN.
+        st.read_to_end(&mut rest)
+            .expect("the server answers with close_notify");
+    }
+    // A request sent together with the close_notify is answered first.
+    let mut last = connect(tls, "localhost", &cfg).unwrap();
+    write!(last, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    last.conn.send_close_notify();
+    last.flush().unwrap();
+    let mut all = Vec::new();
+    last.read_to_end(&mut all)
+        .expect("answer, then close_notify");
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.ends_with("ok\n"), "{text}");
+    s.stop();
+}

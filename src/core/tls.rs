@@ -275,7 +275,7 @@ impl<H> Core<H> {
                 self.count_tls_failure(TlsFailure::PlainHttp);
                 t.extra.extend_from_slice(PLAIN_HTTP_ANSWER);
                 t.closed = true;
-                return self.tls_fail_done(c, t);
+                return self.tls_close_after_output(c, t);
             }
         }
         if t.incoming.len() + data.len() > INCOMING_MAX {
@@ -362,7 +362,7 @@ impl<H> Core<H> {
                 }
             }
             t.closed = true;
-            return self.tls_fail_done(c, t);
+            return self.tls_close_after_output(c, t);
         }
         let has_extra = !t.extra.is_empty();
         self.put_tls(c, t);
@@ -374,15 +374,34 @@ impl<H> Core<H> {
             outcome = self.handle_plain(c, &plain);
         }
         if peer_closed {
-            self.handle_eof(c);
             outcome = ReadOutcome::Stop;
+            let answering = self
+                .conns
+                .get(c as usize)
+                .is_some_and(|cn| cn.phase == Phase::Respond);
+            if answering {
+                // The answer goes first; its last write carries our close_notify.
+                self.handle_eof(c);
+            } else if let Some(mut t) = self.tls.get_mut(c as usize).and_then(Option::take) {
+                // Answer the client's close_notify with ours, then close.
+                let TlsConn { conn, extra, .. } = &mut *t;
+                if flush_output(conn, extra) {
+                    if let Ok(ConnectionState::WriteTraffic(mut w)) =
+                        conn.process_tls_records(&mut []).state
+                    {
+                        let _ =
+                            encode_into(extra, |b| w.queue_close_notify(b).map_err(encrypt_err));
+                    }
+                }
+                t.closed = true;
+                return self.tls_close_after_output(c, t);
+            }
         }
         outcome
     }
 
-    /// After a failure: send what is queued (an alert, or the plain-HTTP answer), then
-    /// close.
-    fn tls_fail_done(&mut self, c: ConnId, t: Box<TlsConn>) -> super::ReadOutcome {
+    /// Send what is queued (an alert, the plain-HTTP answer, a close_notify), then close.
+    fn tls_close_after_output(&mut self, c: ConnId, t: Box<TlsConn>) -> super::ReadOutcome {
         let has_extra = !t.extra.is_empty();
         self.put_tls(c, t);
         if let Some(conn) = self.conns.get_mut(c as usize) {
@@ -484,7 +503,11 @@ impl<H> Core<H> {
             return false;
         };
         let last = match conn.phase {
-            Phase::Respond => !conn.has(flag::KEEP_ALIVE),
+            Phase::Respond => {
+                !conn.has(flag::KEEP_ALIVE)
+                    || (conn.has(flag::PEER_EOF)
+                        && conn.rbuf.as_ref().is_none_or(|rb| rb.buf.is_empty()))
+            }
             Phase::Drain => conn.has(flag::FINAL),
             _ => false,
         };

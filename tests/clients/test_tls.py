@@ -391,8 +391,6 @@ def test_shutdown_ends_a_tls_stream_with_close_notify(pki, topic):
             h.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="herald bug (reported): a client's close_notify is answered by a bare "
-                                       "TCP close, not herald's own close_notify (RFC 8446 6.1, RFC 5246 7.2.1)")
 def test_close_notify_from_the_client_is_answered(th):
     s = tls_connect(th.tls_port, "localhost", th.tls_context())
     try:
