@@ -5,6 +5,8 @@
 # record fan-out completion p99. A step that cannot connect everyone ends that server's
 # sweep, and the reason (connect failures by cause, 503s, server log) is recorded.
 # Every step is bounded by herald-bench's own timeouts and by `timeout`.
+# TLS servers (herald-uring-tls, herald-epoll-tls, nchan-tls; see bench-lib.sh) work too:
+# their connect timeout allows for the handshakes (30 s + N/500 s).
 # Output: bench/results/<date>-<host>/{raw/*.json,results.md,*.svg,stops.json,env.md}
 #
 # usage: scripts/capacity.sh [--max N] [--steps "1000 10000 50000 100000 200000"]
@@ -33,7 +35,7 @@ done
 [ -n "$OUT" ] || OUT=$ROOT/bench/results/$(date +%Y%m%d-%H%M)-$(hostname)
 mkdir -p "$OUT/raw" "$OUT/logs"
 ensure_built
-[[ ,$SERVERS, == *,nchan,* ]] && ensure_nchan
+[[ ,$SERVERS, == *,nchan,* || ,$SERVERS, == *,nchan-tls,* ]] && ensure_nchan
 sysctl -qw net.core.netdev_max_backlog=65536 2>/dev/null || true
 { "$ROOT/scripts/bench-env.sh"; echo "| servers | $SERVERS |"; echo "| workers | $WORKERS (CPUs 0-$((WORKERS - 1))) |"; } > "$OUT/env.md"
 echo "results → $OUT" >&2
@@ -51,7 +53,8 @@ for srv in ${SERVERS//,/ }; do
     echo "== $tag" >&2
     start_server "$srv" "$port" "$iport" "$WORKERS" "$CPUS" "$OUT/logs" || { why="server failed to start at $n"; break; }
     ctimeout=$((30 + n / 2000))
-    timeout $((ctimeout + HOLD + 120)) "$BIN/herald-bench" --url "$SUB_URL" "${PUB_ARGS[@]}" -n "$n" \
+    [[ $srv == *-tls ]] && ctimeout=$((30 + n / 500))
+    timeout $((ctimeout + HOLD + 120)) "$BIN/herald-bench" --url "$SUB_URL" "${SUB_ARGS[@]}" "${PUB_ARGS[@]}" -n "$n" \
       --events "$EVENTS" --rate 5 --hold "$HOLD" --server-pid "$SERVER_PID" --thread-prefix "$SERVER_THREADS" \
       --connect-timeout "$ctimeout" --drain-timeout 20 --label "$tag" --json "$OUT/raw/$tag.json" \
       >"$OUT/logs/$tag.txt" 2>&1 || echo "   herald-bench exit $?" >&2

@@ -2,6 +2,13 @@
 //! `--per-child` subscriber sockets. Per event it only scans for `\n\n`, parses the data's
 //! seq and timestamp, and updates preallocated counters, a bitset and a histogram: no
 //! allocation on the per-event path, one shared receive buffer for every socket.
+//!
+//! Over TLS (https:// --url) each connection also holds a buffered rustls
+//! `ClientConnection`: the same one `recv` into the shared buffer, whose ciphertext is
+//! handed to rustls (`read_tls` from the slice, `process_new_packets`), and the plaintext
+//! is read out into a second shared buffer and decoded as above. rustls keeps each
+//! decrypted record in a buffer of its own until it is read out (one allocation per
+//! record: that is the buffered API's cost, counted in the load generator's CPU).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -16,14 +23,20 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use rustls::ClientConnection;
+
 use super::proto::{buckets, new_hist, ChildMsg, ChildReport, ChildStatus};
+use super::tls::{self, Session, SessionTally, TlsClient};
 use super::{Opt, Target};
-use crate::procfs::{io_error_name, mono_ns, raise_nofile};
+use crate::procfs::{io_error_name, mono_ns, raise_nofile, vm_rss_kib};
 use crate::sse::{Decoder, Fail, Flow, Item};
 
 const STDIN: Token = Token(usize::MAX);
 /// Shared receive buffer, bytes: large enough to drain a burst in one recv.
 const RECV_BUF: usize = 256 * 1024;
+/// Shared plaintext buffer for TLS connections (rustls holds at most 16 KiB of plaintext
+/// per connection before it must be read out).
+const PLAIN_BUF: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -45,6 +58,8 @@ struct Track {
 
 struct Conn {
     stream: Option<TcpStream>,
+    /// The TLS session of an https:// subscriber, from TCP connect on.
+    tls: Option<Box<ClientConnection>>,
     state: State,
     dec: Decoder,
     started_ns: u64,
@@ -122,6 +137,11 @@ struct Child {
     conns: Vec<Conn>,
     stats: Stats,
     buf: Box<[u8]>,
+    /// Plaintext read out of rustls (TLS only; empty otherwise).
+    plain: Box<[u8]>,
+    tls: Option<TlsClient>,
+    sessions: SessionTally,
+    rss_start_kib: u64,
     target: SocketAddr,
     /// Request bytes per topic, built once.
     requests: Vec<Vec<u8>>,
@@ -163,6 +183,15 @@ pub fn run(opt: &Opt) -> Result<()> {
         })
         .collect();
     let children = opt.subscribers.div_ceil(opt.per_child.max(1)).max(1);
+    let tls = TlsClient::from_opt(opt, &target)?;
+    // TLS: the handshakes in flight over all children stay within --tls-inflight.
+    let max_inflight = match tls {
+        Some(_) => opt
+            .max_inflight
+            .min(opt.tls_inflight.div_ceil(children))
+            .max(1),
+        None => opt.max_inflight.max(1),
+    };
     let poll = Poll::new()?;
     // Commands arrive on stdin; nonblocking so a partial line never stalls the loop.
     set_nonblocking(0)?;
@@ -174,6 +203,7 @@ pub fn run(opt: &Opt) -> Result<()> {
         conns: (0..n)
             .map(|_| Conn {
                 stream: None,
+                tls: None,
                 state: State::NotStarted,
                 dec: Decoder::default(),
                 started_ns: 0,
@@ -201,6 +231,10 @@ pub fn run(opt: &Opt) -> Result<()> {
             complete: 0,
         },
         buf: vec![0u8; RECV_BUF].into_boxed_slice(),
+        plain: vec![0u8; if tls.is_some() { PLAIN_BUF } else { 0 }].into_boxed_slice(),
+        tls,
+        sessions: SessionTally::default(),
+        rss_start_kib: 0,
         target: target.addr,
         requests,
         first: opt.child_first,
@@ -211,7 +245,7 @@ pub fn run(opt: &Opt) -> Result<()> {
         },
         rcvbuf: opt.rcvbuf,
         rate: opt.connect_rate as f64 / children as f64,
-        max_inflight: opt.max_inflight.max(1),
+        max_inflight,
         t0_ns: mono_ns(),
         started: 0,
         inflight: 0,
@@ -229,7 +263,58 @@ pub fn run(opt: &Opt) -> Result<()> {
         done_sent: false,
         stdin_buf: Vec::new(),
     };
+    child.rss_start_kib = vm_rss_kib(std::process::id()).unwrap_or(0);
     child.run()
+}
+
+/// What ends a stream after a `Decoder::feed`, if anything.
+fn end_cause(res: Result<Flow, Fail>) -> Option<String> {
+    match res {
+        Ok(Flow::More) => None,
+        Ok(Flow::End) => Some("server_ended_stream".into()),
+        Err(Fail::Status(code)) => Some(format!("http_{code}")),
+        Err(Fail::Malformed) => Some("malformed_response".into()),
+    }
+}
+
+/// A TCP socket for subscriber (or handshake) number `i`: bound to source address
+/// 127.0.0.(2 + i mod `sources`) with IP_BIND_ADDRESS_NO_PORT when `sources` > 0, so the
+/// ephemeral ports are per source address.
+pub(crate) fn new_socket(
+    i: usize,
+    sources: usize,
+    rcvbuf: usize,
+    nonblocking: bool,
+) -> io::Result<Socket> {
+    let ty = if nonblocking {
+        Type::STREAM.nonblocking()
+    } else {
+        Type::STREAM
+    };
+    let sock = Socket::new(Domain::IPV4, ty, Some(Protocol::TCP))?;
+    if sources > 0 {
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd, option value points at a live c_int of the given size.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let host = 2 + (i % sources) as u8;
+        let src = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, host), 0);
+        sock.bind(&SocketAddr::V4(src).into())?;
+    }
+    if rcvbuf > 0 {
+        sock.set_recv_buffer_size(rcvbuf)?;
+    }
+    Ok(sock)
 }
 
 fn set_nonblocking(fd: i32) -> io::Result<()> {
@@ -320,33 +405,7 @@ impl Child {
     }
 
     fn connect(&self, idx: usize) -> io::Result<TcpStream> {
-        let sock = Socket::new(
-            Domain::IPV4,
-            Type::STREAM.nonblocking(),
-            Some(Protocol::TCP),
-        )?;
-        if self.sources > 0 {
-            let one: libc::c_int = 1;
-            // SAFETY: valid fd, option value points at a live c_int of the given size.
-            let r = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_BIND_ADDRESS_NO_PORT,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let host = 2 + ((self.first + idx) % self.sources) as u8;
-            let src = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, host), 0);
-            sock.bind(&SocketAddr::V4(src).into())?;
-        }
-        if self.rcvbuf > 0 {
-            sock.set_recv_buffer_size(self.rcvbuf)?;
-        }
+        let sock = new_socket(self.first + idx, self.sources, self.rcvbuf, true)?;
         match sock.connect(&self.target.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -375,12 +434,26 @@ impl Child {
                 }
                 let topic = (self.first + idx) % self.requests.len();
                 let req = &self.requests[topic];
+                if let Some(client) = &self.tls {
+                    // The request waits in rustls until the handshake is done.
+                    let mut tc = match client.connect() {
+                        Ok(tc) => tc,
+                        Err(e) => return self.fail(idx, &tls::error_name(&e)),
+                    };
+                    if let Err(e) = tc.writer().write_all(req) {
+                        return self.fail(idx, &io_error_name(&e));
+                    }
+                    conn.tls = Some(Box::new(tc));
+                    conn.state = State::Head;
+                    return self.tls_flush(idx);
+                }
                 match stream.write(req) {
                     Ok(n) if n == req.len() => conn.state = State::Head,
                     Ok(_) => self.fail(idx, "short_request_write"),
                     Err(e) => self.fail(idx, &io_error_name(&e)),
                 }
             }
+            State::Head | State::Streaming if conn.tls.is_some() => self.read_tls(idx),
             State::Head | State::Streaming => self.read(idx),
             State::NotStarted | State::Closed => {}
         }
@@ -416,16 +489,120 @@ impl Child {
             if opened {
                 self.opened(idx, now);
             }
-            match res {
-                Ok(Flow::More) => {}
-                Ok(Flow::End) => return self.close(idx, "server_ended_stream"),
-                Err(Fail::Status(code)) => return self.close(idx, &format!("http_{code}")),
-                Err(Fail::Malformed) => return self.close(idx, "malformed_response"),
+            if let Some(cause) = end_cause(res) {
+                return self.close(idx, &cause);
             }
             // Edge-triggered: a short read drained the socket, and data arriving later
             // raises a new edge, so the extra recv that would return EAGAIN is skipped.
             if n < RECV_BUF {
                 return;
+            }
+        }
+    }
+
+    /// A readiness event on a TLS subscriber: receive ciphertext (same shared buffer and
+    /// short-read rule as `read`), let rustls decrypt it, decode the plaintext, then
+    /// write whatever rustls has queued (handshake flights, the request).
+    fn read_tls(&mut self, idx: usize) {
+        loop {
+            let Child {
+                conns,
+                stats,
+                buf,
+                plain,
+                ..
+            } = self;
+            let conn = &mut conns[idx];
+            let (Some(stream), Some(tc)) = (conn.stream.as_mut(), conn.tls.as_deref_mut()) else {
+                return;
+            };
+            let n = match stream.read(buf) {
+                // No close_notify before the TCP FIN (that one is seen as plaintext EOF).
+                Ok(0) => return self.close(idx, "eof"),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.close(idx, &io_error_name(&e)),
+            };
+            let now = mono_ns();
+            stats.bytes += n as u64;
+            let mut input = &buf[..n];
+            let mut opened = false;
+            let mut end = None;
+            let track = &mut conn.track;
+            'records: while !input.is_empty() {
+                // Takes at most one 4 KiB step of `input` per call.
+                match tc.read_tls(&mut input) {
+                    Ok(0) => {
+                        // rustls takes nothing after the server's close_notify.
+                        end = Some("tls_close_notify".to_string());
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        end = Some(format!("tls_read_{}", io_error_name(&e)));
+                        break;
+                    }
+                }
+                if let Err(e) = tc.process_new_packets() {
+                    // The alert rustls queued for the server, if any: best effort.
+                    let _ = tc.write_tls(stream);
+                    end = Some(tls::error_name(&e));
+                    break;
+                }
+                loop {
+                    let m = match tc.reader().read(plain) {
+                        Ok(0) => {
+                            end = Some("tls_close_notify".to_string());
+                            break 'records;
+                        }
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            end = Some(format!("tls_{}", io_error_name(&e)));
+                            break 'records;
+                        }
+                    };
+                    let res = conn.dec.feed(&plain[..m], &mut |item| {
+                        if item == Item::Opened {
+                            opened = true;
+                        }
+                        stats.on_item(track, idx, now, item);
+                    });
+                    if let Some(cause) = end_cause(res) {
+                        end = Some(cause);
+                        break 'records;
+                    }
+                }
+            }
+            if opened {
+                self.sessions.add(Session::of(tc));
+                self.opened(idx, now);
+            }
+            if let Some(cause) = end {
+                return self.close(idx, &cause);
+            }
+            if n < RECV_BUF {
+                break;
+            }
+        }
+        self.tls_flush(idx);
+    }
+
+    /// Write what rustls has queued until it is all out or the socket is full (the next
+    /// writable edge calls this again).
+    fn tls_flush(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        let (Some(stream), Some(tc)) = (conn.stream.as_mut(), conn.tls.as_deref_mut()) else {
+            return;
+        };
+        while tc.wants_write() {
+            match tc.write_tls(stream) {
+                Ok(0) => return self.close(idx, "write_zero"),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.close(idx, &io_error_name(&e)),
             }
         }
     }
@@ -447,6 +624,7 @@ impl Child {
             self.inflight -= 1;
         }
         c.stream = None;
+        c.tls = None;
         c.state = State::Closed;
         self.failed += 1;
         *self.connect_fail.entry(cause.to_string()).or_default() += 1;
@@ -458,6 +636,7 @@ impl Child {
         }
         let c = &mut self.conns[idx];
         c.stream = None;
+        c.tls = None;
         c.state = State::Closed;
         self.dropped_total += 1;
         if c.track.armed {
@@ -581,6 +760,8 @@ impl Child {
             first_connect_ns: self.first_connect_ns,
             last_open_ns: self.last_open_ns,
             connect_hist: buckets(&self.connect_hist),
+            tls_sessions: self.sessions.to_map(),
+            rss_start_kib: self.rss_start_kib,
             bytes: s.bytes,
             comments: s.comments,
             foreign: s.foreign,

@@ -4,10 +4,12 @@
 //! The parent publishes and samples /proc; children only read sockets (see `child.rs`).
 
 pub mod child;
+pub mod handshake;
 pub mod parent;
 pub mod proto;
 pub mod publish;
 pub mod report;
+pub mod tls;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -22,12 +24,56 @@ use clap::{Parser, ValueEnum};
 /// publishes --events numbered events (data "<seq> <CLOCK_MONOTONIC ns>") and checks that
 /// every subscriber receives seq 0..E-1 exactly once, in order. Prints a table and, with
 /// --json, writes every figure. Target must be loopback unless --allow-remote.
+/// An https:// --url speaks TLS (rustls, verified against --cacert); --handshakes N
+/// measures TLS handshakes instead of subscribing.
 #[derive(Parser, Debug, Clone, serde::Serialize)]
 #[command(name = "herald-bench", version)]
 pub struct Opt {
-    /// Subscriber URL; the last path segment is the topic.
+    /// Subscriber URL, http:// or https:// (TLS); the last path segment is the topic.
     #[arg(long, default_value = "http://127.0.0.1:8080/events/bench")]
     pub url: String,
+    /// PEM file of the CA certificate(s) an https:// server's chain is verified against.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// Name sent as SNI and checked against the server's certificate [default: the
+    /// --url host; an IP address is checked against the certificate's IP SANs, no SNI].
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// TLS versions offered.
+    #[arg(long, value_enum, default_value_t = TlsVersion::Auto)]
+    pub tls_version: TlsVersion,
+    /// TLS cipher-suite preference offered (the server picks; herald and nginx follow
+    /// the client's order): browser = AES-128-GCM first, as Chrome and Firefox.
+    #[arg(long, value_enum, default_value_t = TlsSuite::Browser)]
+    pub tls_suite: TlsSuite,
+    /// Verify the server's whole certificate chain on every connection (default: a
+    /// chain identical to one already verified for the same name is not re-verified;
+    /// the handshake signature is always checked).
+    #[arg(long)]
+    pub tls_verify_every: bool,
+    /// Let TLS connections resume sessions from tickets the server sent earlier ones
+    /// (default: every handshake is a full one).
+    #[arg(long)]
+    pub tls_resume: bool,
+    /// TLS handshakes in flight over all children together (each child gets its share,
+    /// at most --max-inflight): keeps the connect phase inside the server's handshake
+    /// capacity and below herald's --tls-max-handshakes (1024 per worker).
+    #[arg(long, default_value_t = 512)]
+    pub tls_inflight: usize,
+    /// Handshake-rate mode: open this many TLS connections (full handshakes unless
+    /// --tls-resume), GET --handshake-path on each (Connection: close), read to the
+    /// server's close; report handshakes per second and the server's CPU per handshake.
+    /// No subscribers, no publishing. With an http:// --url: the same without TLS (the
+    /// baseline cost of a connection and a request).
+    #[arg(long, default_value_t = 0)]
+    pub handshakes: u64,
+    /// Handshake-rate mode: connections in progress at once (one thread each).
+    #[arg(long, default_value_t = 8)]
+    pub handshake_concurrency: usize,
+    /// Handshake-rate mode: path requested on each connection (any complete response
+    /// counts; statuses are reported).
+    #[arg(long, default_value = "/healthz")]
+    pub handshake_path: String,
     /// Number of SSE subscribers to open.
     #[arg(long, short = 'n', default_value_t = 1000)]
     pub subscribers: usize,
@@ -129,12 +175,41 @@ pub enum PublishVia {
     Http,
 }
 
+/// TLS versions the client offers (`--tls-version`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum TlsVersion {
+    /// TLS 1.3 and 1.2 (1.3 is negotiated when the server has it).
+    Auto,
+    #[value(name = "1.2")]
+    #[serde(rename = "1.2")]
+    V12,
+    #[value(name = "1.3")]
+    #[serde(rename = "1.3")]
+    V13,
+}
+
+/// Cipher-suite order the client offers (`--tls-suite`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSuite {
+    /// AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305.
+    Browser,
+    /// AES-256-GCM first (rustls' own default order).
+    Aes256,
+    /// ChaCha20-Poly1305 first.
+    Chacha20,
+}
+
 /// Where subscribers connect and what they ask for.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub addr: SocketAddr,
+    /// https:// URL.
+    pub tls: bool,
     /// `host:port` as given, for the Host header.
     pub host: String,
+    /// The host without the port (the default TLS server name).
+    pub hostname: String,
     /// Path up to and including the last `/`.
     pub prefix: String,
     pub base_topic: String,
@@ -142,12 +217,17 @@ pub struct Target {
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target> {
-        let rest = url
-            .strip_prefix("http://")
-            .context("only http:// URLs are supported")?;
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            bail!("--url must start with http:// or https://");
+        };
         let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let path = if path.is_empty() { "/" } else { path };
-        let addr = host
+        let (hostname, port) = split_host_port(host, if tls { 443 } else { 80 })?;
+        let addr = (hostname.as_str(), port)
             .to_socket_addrs()
             .with_context(|| format!("resolving {host}"))?
             .find(SocketAddr::is_ipv4)
@@ -159,7 +239,9 @@ impl Target {
         }
         Ok(Target {
             addr,
+            tls,
             host: host.to_string(),
+            hostname,
             prefix: path[..cut].to_string(),
             base_topic,
         })
@@ -173,6 +255,29 @@ impl Target {
             (0..k).map(|i| format!("{}-{i}", self.base_topic)).collect()
         }
     }
+}
+
+/// `host[:port]` or `[v6]:port` → (host without brackets, port).
+fn split_host_port(host: &str, default_port: u16) -> Result<(String, u16)> {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (name, after) = rest
+            .split_once(']')
+            .context("unterminated [ in --url host")?;
+        (name, after.strip_prefix(':'))
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        }
+    };
+    if name.is_empty() {
+        bail!("--url has no host");
+    }
+    let port = match port {
+        Some(p) => p.parse().with_context(|| format!("bad port in {host}"))?,
+        None => default_port,
+    };
+    Ok((name.to_string(), port))
 }
 
 /// Entry point shared by parent and child.
@@ -197,6 +302,14 @@ mod tests {
             ("/events/", "bench")
         );
         assert_eq!(t.topics(2), vec!["bench-0", "bench-1"]);
+        assert!(!t.tls);
         assert!(Target::parse("http://127.0.0.1:8080/events/").is_err());
+        let t = Target::parse("https://localhost:8443/events/x").unwrap();
+        assert!(t.tls);
+        assert_eq!((t.hostname.as_str(), t.addr.port()), ("localhost", 8443));
+        assert_eq!(t.host, "localhost:8443");
+        let t = Target::parse("https://127.0.0.1/events/x").unwrap();
+        assert_eq!((t.hostname.as_str(), t.addr.port()), ("127.0.0.1", 443));
+        assert!(Target::parse("ftp://127.0.0.1/events/x").is_err());
     }
 }

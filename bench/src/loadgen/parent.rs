@@ -11,10 +11,12 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 
 use super::proto::{merge, new_hist, ChildMsg, ChildReport, ChildStatus};
 use super::publish::Publisher;
 use super::report::*;
+use super::tls::TlsClient;
 use super::{Opt, PublishVia, Target};
 use crate::procfs::{
     self, clk_tck, cpu_busy_ticks, mono_ns, threads, vm_rss_kib, Machine, ProcCpu, SysCounters,
@@ -83,9 +85,28 @@ impl Fleet {
                 "--rcvbuf",
                 &opt.rcvbuf.to_string(),
             ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .args(["--tls-inflight", &opt.tls_inflight.to_string()]);
+            if let Some(ca) = &opt.cacert {
+                cmd.arg("--cacert").arg(ca);
+            }
+            if let Some(name) = &opt.tls_server_name {
+                cmd.args(["--tls-server-name", name]);
+            }
+            if let Some(v) = opt.tls_version.to_possible_value() {
+                cmd.args(["--tls-version", v.get_name()]);
+            }
+            if opt.tls_resume {
+                cmd.arg("--tls-resume");
+            }
+            if let Some(v) = opt.tls_suite.to_possible_value() {
+                cmd.args(["--tls-suite", v.get_name()]);
+            }
+            if opt.tls_verify_every {
+                cmd.arg("--tls-verify-every");
+            }
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
             let mut child = cmd.spawn().context("spawning a child load generator")?;
             fleet.stdin.push(child.stdin.take().context("child stdin")?);
             let out = child.stdout.take().context("child stdout")?;
@@ -237,6 +258,11 @@ pub fn run(opt: &Opt) -> Result<()> {
     if opt.subscribers == 0 {
         bail!("--subscribers must be at least 1");
     }
+    // Fail here, not in every child, on a bad --cacert or server name.
+    let tls = TlsClient::from_opt(opt, &target)?;
+    if opt.handshakes > 0 {
+        return super::handshake::run(opt, &target, tls.as_ref());
+    }
     let topics = target.topics(opt.topics);
     let mut publisher = if opt.events > 0 {
         Some(Publisher::connect(opt, &target)?)
@@ -279,6 +305,7 @@ pub fn run(opt: &Opt) -> Result<()> {
     thread::sleep(secs(opt.settle));
     let sys_idle = SysCounters::read();
     rep.memory.server_rss_idle_kib = rss_kib(&pids);
+    rep.memory.loadgen_rss_idle_kib = rss_kib(&fleet.pids());
     let per = |d: i64| {
         if connected > 0 {
             d as f64 / connected as f64
@@ -474,8 +501,13 @@ pub fn run(opt: &Opt) -> Result<()> {
     // Connect figures from the children's reports.
     let mut setup = new_hist();
     let (mut first_ns, mut last_ns) = (u64::MAX, 0);
+    let mut lg_start_kib = 0;
     for r in fleet.reports.iter().flatten() {
         merge(&mut setup, &r.connect_hist);
+        lg_start_kib += r.rss_start_kib;
+        for (k, v) in &r.tls_sessions {
+            *rep.connect.tls_sessions.entry(k.clone()).or_default() += v;
+        }
         for (k, v) in &r.connect_fail {
             *rep.connect.failed.entry(k.clone()).or_default() += v;
         }
@@ -497,6 +529,11 @@ pub fn run(opt: &Opt) -> Result<()> {
     };
     rep.connect.per_second = connected as f64 / rep.connect.seconds.max(1e-9);
     rep.connect.setup_us = Percentiles::us(&setup);
+    if connected > 0 {
+        rep.memory.loadgen_rss_per_conn_bytes =
+            (rep.memory.loadgen_rss_idle_kib as f64 - lg_start_kib as f64) * 1024.0
+                / connected as f64;
+    }
     fleet.stop();
 
     let sys_end = SysCounters::read();

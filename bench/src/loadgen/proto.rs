@@ -61,6 +61,12 @@ pub struct ChildReport {
     pub last_open_ns: u64,
     /// connect start → 200 head, ns.
     pub connect_hist: Buckets,
+    /// TLS sessions by version, suite and handshake kind (https:// only).
+    #[serde(default)]
+    pub tls_sessions: BTreeMap<String, u64>,
+    /// The child's VmRSS before its first connect, KiB.
+    #[serde(default)]
+    pub rss_start_kib: u64,
     pub bytes: u64,
     pub comments: u64,
     pub foreign: u64,

@@ -46,8 +46,10 @@ pub struct ConnectReport {
     pub children: usize,
     pub seconds: f64,
     pub per_second: f64,
-    /// connect start → 200 response head, µs.
+    /// connect start → 200 response head, µs (TLS: the handshake included).
     pub setup_us: Percentiles,
+    /// https:// only: "TLSv1_3 TLS13_AES_256_GCM_SHA384 full" → connections.
+    pub tls_sessions: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -62,6 +64,10 @@ pub struct MemoryReport {
     /// Δ sockstat TCP mem × 4096 / connections (both ends, loopback).
     pub tcp_mem_per_conn_bytes: f64,
     pub tcp_inuse_idle: u64,
+    /// Σ VmRSS of the load generator's children after connect + settle, KiB.
+    pub loadgen_rss_idle_kib: u64,
+    /// (that − Σ the children's VmRSS before their first connect) / connected.
+    pub loadgen_rss_per_conn_bytes: f64,
     pub note: &'static str,
 }
 
@@ -129,6 +135,40 @@ pub struct PublishReport {
     pub peak_tcp_mem_pages: u64,
 }
 
+/// `--handshakes N`: N TLS connections, each a handshake, one request, a close.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct HandshakeReport {
+    pub requested: u64,
+    pub concurrency: usize,
+    pub path: String,
+    /// Handshake done and a complete response read.
+    pub ok: u64,
+    pub failed: BTreeMap<String, u64>,
+    /// Response status → count.
+    pub statuses: BTreeMap<String, u64>,
+    pub tls_sessions: BTreeMap<String, u64>,
+    /// Responses whose connection the server then ended with close_notify / without.
+    pub server_close_notify: u64,
+    pub server_close_unclean: u64,
+    /// first connect → last close, s.
+    pub seconds: f64,
+    pub per_second: f64,
+    /// connect start → TCP connected, µs.
+    pub tcp_connect_us: Percentiles,
+    /// connect start → TLS handshake complete (client Finished sent), µs.
+    pub handshake_us: Percentiles,
+    /// connect start → response read to its end, µs.
+    pub total_us: Percentiles,
+    pub server_cpu_ms: f64,
+    /// Server CPU (schedstat, all threads) over the run ÷ ok: handshake + request + close.
+    pub server_cpu_us_per_handshake: f64,
+    /// 1 s ÷ server CPU per handshake: the rate one fully busy server core would reach
+    /// (handshakes/s itself is the lower of the server's and the load generator's limit).
+    pub server_handshakes_per_cpu_second: f64,
+    pub server_cores_busy_us_per_handshake: Option<f64>,
+    pub loadgen_cpu_us_per_handshake: f64,
+}
+
 #[derive(Debug, Default, serde::Serialize)]
 pub struct NetReport {
     pub softnet_drops: u64,
@@ -152,6 +192,8 @@ pub struct Report {
     pub memory: MemoryReport,
     pub hold: Option<HoldReport>,
     pub publish: Option<PublishReport>,
+    /// --handshakes mode.
+    pub handshakes: Option<HandshakeReport>,
     pub network: NetReport,
     pub valid: bool,
     pub invalid_reasons: Vec<String>,
@@ -163,7 +205,6 @@ pub struct Report {
 impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let c = &self.connect;
         let _ = writeln!(
             s,
             "herald-bench {}  ({}, {} cpus, kernel {})",
@@ -182,6 +223,63 @@ impl Report {
         for w in &self.warnings {
             let _ = writeln!(s, "{:<34} {w}", "warning");
         }
+        if self.handshakes.is_none() {
+            self.subscriber_lines(&mut s);
+        }
+        if let Some(h) = &self.handshakes {
+            let _ = writeln!(
+                s,
+                "{:<34} {}/{} ok in {:.2} s = {:.0}/s (concurrency {}, GET {})",
+                "handshakes", h.ok, h.requested, h.seconds, h.per_second, h.concurrency, h.path
+            );
+            if !h.failed.is_empty() {
+                let _ = writeln!(s, "{:<34} {:?}", "handshake failures", h.failed);
+            }
+            let _ = writeln!(s, "{:<34} {:?}", "responses", h.statuses);
+            if !h.tls_sessions.is_empty() {
+                let _ = writeln!(s, "{:<34} {:?}", "TLS sessions", h.tls_sessions);
+                let _ = writeln!(
+                    s,
+                    "{:<34} {} with close_notify, {} without",
+                    "server closed", h.server_close_notify, h.server_close_unclean
+                );
+            }
+            for (name, p) in [
+                ("TCP connect µs", &h.tcp_connect_us),
+                ("connect→handshake done µs", &h.handshake_us),
+                ("connect→response read µs", &h.total_us),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "{:<34} p50 {:.0}  p99 {:.0}  max {:.0}",
+                    name, p.p50, p.p99, p.max
+                );
+            }
+            let _ = writeln!(
+                s,
+                "{:<34} {:.1} µs ({:.0} ms) = {:.0} handshakes per server CPU-second",
+                "server CPU per handshake",
+                h.server_cpu_us_per_handshake,
+                h.server_cpu_ms,
+                h.server_handshakes_per_cpu_second
+            );
+            if let Some(b) = h.server_cores_busy_us_per_handshake {
+                let _ = writeln!(s, "{:<34} {:.1} µs", "server cores busy per handshake", b);
+            }
+            let _ = writeln!(
+                s,
+                "{:<34} {:.1} µs",
+                "load generator CPU per handshake", h.loadgen_cpu_us_per_handshake
+            );
+        }
+        let n = &self.network;
+        let _ = writeln!(s, "{:<34} softnet drops {}  retrans {} (+{} while connecting)  listen drops {} (+{} while connecting)", "network", n.softnet_drops, n.retrans_measured_phase, n.retrans_connect_phase, n.listen_drops_measured_phase, n.listen_drops_connect_phase);
+        s
+    }
+
+    /// Connect, memory, hold and publish figures of a subscriber run.
+    fn subscriber_lines(&self, s: &mut String) {
+        let c = &self.connect;
         let _ = writeln!(
             s,
             "{:<34} {}/{} in {:.2} s over {} child(ren) = {:.0}/s",
@@ -213,6 +311,16 @@ impl Report {
             "kernel per connection (both ends)",
             m.kernel_slab_per_conn_bytes,
             m.tcp_mem_per_conn_bytes
+        );
+        if !c.tls_sessions.is_empty() {
+            let _ = writeln!(s, "{:<34} {:?}", "TLS sessions", c.tls_sessions);
+        }
+        let _ = writeln!(
+            s,
+            "{:<34} {:.0} B  ({} KiB)",
+            "load generator RSS per connection",
+            m.loadgen_rss_per_conn_bytes,
+            m.loadgen_rss_idle_kib
         );
         if let Some(h) = &self.hold {
             let _ = writeln!(s, "{:<34} {:.0} s: {} keep-alives (≈{:.0} expected at 15 s), {} dropped, server CPU {:.2} %", "hold", h.seconds, h.keepalives, h.keepalives_expected_15s, h.streams_dropped, h.server_cpu_pct);
@@ -303,8 +411,5 @@ impl Report {
                 "peak during publish", p.peak_server_rss_kib, p.peak_tcp_mem_pages
             );
         }
-        let n = &self.network;
-        let _ = writeln!(s, "{:<34} softnet drops {}  retrans {} (+{} while connecting)  listen drops {} (+{} while connecting)", "network", n.softnet_drops, n.retrans_measured_phase, n.retrans_connect_phase, n.listen_drops_measured_phase, n.listen_drops_connect_phase);
-        s
     }
 }
