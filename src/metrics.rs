@@ -73,6 +73,7 @@ counters! {
     tls_handshakes: "counter", "TLS handshakes completed";
     tls_buffer_bytes: "gauge", "Bytes of buffers held by TLS connections: ciphertext being written or queued, partial records read (an idle TLS stream holds none)";
     tls_handshakes_in_progress: "gauge", "TLS handshakes in progress (bounded per worker by --tls-max-handshakes)";
+    tls_accepts_deferred: "counter", "Times TLS accepting paused at --tls-max-handshakes (new connections wait in the listen queue)";
     tls_handshakes_refused: "counter", "TLS connections closed at accept: the worker had --tls-max-handshakes in progress";
     tls_handshake_timeouts: "counter", "TLS connections closed mid-handshake by --head-timeout";
     tls_plain_http: "counter", "Plain HTTP requests sent to the TLS port (answered 400 and closed)";

@@ -393,7 +393,7 @@ fn bad_tls_input_is_refused_counted_and_costs_the_live_streams_nothing() {
 }
 
 #[test]
-fn handshakes_in_progress_are_bounded_per_worker() {
+fn handshakes_in_progress_are_bounded_and_a_storm_waits_instead_of_being_refused() {
     let pki = Pki::new();
     let Some((s, tls)) = tls_server(&pki, |c| {
         c.workers = 1;
@@ -407,22 +407,28 @@ fn handshakes_in_progress_are_bounded_per_worker() {
     wait_for("both handshakes to be in progress", || {
         metric(s.addr, "herald_tls_handshakes_in_progress") == 2
     });
-    let mut third = TcpStream::connect(tls).unwrap();
-    third.set_read_timeout(Some(WAIT)).unwrap();
-    let t0 = Instant::now();
-    assert!(read_until_closed(&mut third).is_empty());
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "closed at once, not at a timeout"
-    );
-    assert_eq!(metric(s.addr, "herald_tls_handshakes_refused_total"), 1);
-    // Places free when those connections go.
-    drop(held);
-    wait_for("the held connections to close", || {
-        metric(s.addr, "herald_connections_open") <= 1
+    // A third waits in the listen queue: not refused, not served while the places are held.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg3 = cfg.clone();
+    let third = std::thread::spawn(move || {
+        let c = TlsClient::subscribe(tls, &cfg3, "/events/after");
+        tx.send(c.status).unwrap();
+        c
     });
-    let c = TlsClient::subscribe(tls, &cfg, "/events/after");
-    assert_eq!(c.status, 200);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "served past --tls-max-handshakes"
+    );
+    assert_eq!(metric(s.addr, "herald_tls_handshakes_in_progress"), 2);
+    assert!(metric(s.addr, "herald_tls_accepts_deferred_total") >= 1);
+    // A place frees when a held connection goes: the waiting one is served.
+    drop(held);
+    assert_eq!(
+        rx.recv_timeout(WAIT).expect("served once a place freed"),
+        200
+    );
+    let _c = third.join().unwrap();
+    assert_eq!(metric(s.addr, "herald_tls_handshakes_refused_total"), 0);
     s.stop();
 }
 

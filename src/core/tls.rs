@@ -222,6 +222,21 @@ impl<H> Core<H> {
         true
     }
 
+    /// How many more TLS connections this worker may take now (`--tls-max-handshakes`
+    /// less the handshakes in progress). A backend arms or makes TLS accepts only within
+    /// it, so a connect storm waits in the listen queue instead of being refused.
+    pub fn tls_accept_room(&self) -> usize {
+        self.shared
+            .config
+            .tls_max_handshakes
+            .saturating_sub(self.tls_handshaking)
+    }
+
+    /// A backend held back TLS accepts at the handshake limit (counted per pause).
+    pub fn note_tls_accepts_deferred(&mut self) {
+        self.counters.tls_accepts_deferred += 1;
+    }
+
     /// The connection is being forgotten: return its buffers, drop its session.
     pub(super) fn drop_tls(&mut self, c: ConnId) {
         let Some(t) = self.tls.get_mut(c as usize).and_then(Option::take) else {

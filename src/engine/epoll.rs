@@ -130,7 +130,8 @@ pub fn run(
             }
         }
         for (i, (l, tls)) in listeners.iter().enumerate() {
-            if accept_more[i] && !lp.core.accept_paused() {
+            if accept_more[i] && !lp.core.accept_paused() && (!tls || lp.core.tls_accept_room() > 0)
+            {
                 accept_more[i] = lp.accept_some(l, *tls)?;
             }
         }
@@ -168,7 +169,12 @@ pub fn run(
             .as_ref()
             .map_or(Duration::MAX, |i| i.wait(Instant::now()));
         let busy = lp.core.has_work()
-            || (accept_more.iter().any(|&a| a) && !lp.core.accept_paused())
+            || (!lp.core.accept_paused()
+                && listeners.iter().enumerate().any(|(i, (_, tls))| {
+                    // A TLS listener at the handshake limit waits for a handshake to end
+                    // (a read or a timer wakes the loop), not in a spin.
+                    accept_more[i] && (!tls || lp.core.tls_accept_room() > 0)
+                }))
             || !lp.reread.is_empty()
             || ingest_wait.is_zero();
         let timeout = if busy || !lp.core.park() {
@@ -189,6 +195,10 @@ impl Loop {
     /// Accept up to a batch; returns true if more may be waiting.
     fn accept_some(&mut self, l: &TcpListener, tls: bool) -> io::Result<bool> {
         for _ in 0..ACCEPT_BATCH {
+            if tls && self.core.tls_accept_room() == 0 {
+                self.core.note_tls_accepts_deferred();
+                return Ok(true);
+            }
             match l.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);

@@ -333,6 +333,9 @@ struct Driver {
     /// Accepts could not all be armed (paused, or every table full): try again when the
     /// core's pause is over or a slot frees.
     accept_stalled: bool,
+    /// A TLS listener's accepts were held back at the handshake limit: armed again once a
+    /// handshake ends.
+    tls_accept_waiting: bool,
     cqes: Vec<(u64, i32, u32)>,
     /// The ingest loop, on the first worker until shutdown stops it.
     ingest: Option<Box<Ingest>>,
@@ -379,6 +382,7 @@ pub fn run(
         send_pool: Vec::new(),
         rearm: Vec::new(),
         accept_stalled: false,
+        tls_accept_waiting: false,
         cqes: Vec::with_capacity(CQE_CHUNK),
         ingest,
         ingest_armed: false,
@@ -406,7 +410,9 @@ impl Driver {
                 self.stop_accepting();
                 self.core.begin_drain();
             }
-            if self.accept_stalled && !self.core.accept_paused() {
+            if (self.accept_stalled && !self.core.accept_paused())
+                || (self.tls_accept_waiting && self.core.tls_accept_room() > 0)
+            {
                 self.arm_accepts();
             }
             for c in std::mem::take(&mut self.rearm) {
@@ -661,6 +667,7 @@ impl Driver {
     /// for it (open + armed < table), opening a new shard when all are taken. A table must
     /// never overflow: the kernel would accept the connection and then reset it (ENFILE).
     fn arm_accepts(&mut self) {
+        self.tls_accept_waiting = false;
         if self.listeners.is_empty() {
             return;
         }
@@ -682,7 +689,19 @@ impl Driver {
         let range = l * ACCEPTS..(l + 1) * ACCEPTS;
         let armed = |sh: &Shard| sh.accepts.iter().filter(|a| a.armed).count() as u32;
         let mine = |sh: &Shard| sh.accepts[range.clone()].iter().filter(|a| a.armed).count();
-        let mut want = ACCEPTS - self.shards.iter().map(mine).sum::<usize>();
+        let armed_here = self.shards.iter().map(mine).sum::<usize>();
+        let mut want = ACCEPTS - armed_here;
+        if self.listener_tls[l] {
+            // Every armed TLS accept may become a handshake: arm only what the limit allows.
+            let room = self.core.tls_accept_room().saturating_sub(armed_here);
+            if room < want {
+                if room == 0 && !self.tls_accept_waiting {
+                    self.core.note_tls_accepts_deferred();
+                }
+                self.tls_accept_waiting = true;
+                want = room;
+            }
+        }
         for k in 0..self.shards.len() {
             for i in range.clone() {
                 let sh = &self.shards[k];
