@@ -48,6 +48,8 @@ struct Loop {
     /// Connections whose read budget ran out: edge-triggered epoll will not report them
     /// again, so they are read next turn.
     reread: Vec<ConnId>,
+    /// TLS accepting is paused at the handshake limit (counted once per pause).
+    tls_deferred: bool,
 }
 
 /// Descriptors kept out of the connection limit: listeners, pollers, wakers, the ingest
@@ -93,6 +95,7 @@ pub fn run(
         poll,
         buf: vec![0u8; 64 << 10],
         reread: Vec::new(),
+        tls_deferred: false,
     };
     let mut events = Events::with_capacity(1024);
     let mut ready = Vec::new();
@@ -196,9 +199,13 @@ impl Loop {
     fn accept_some(&mut self, l: &TcpListener, tls: bool) -> io::Result<bool> {
         for _ in 0..ACCEPT_BATCH {
             if tls && self.core.tls_accept_room() == 0 {
-                self.core.note_tls_accepts_deferred();
+                if !self.tls_deferred {
+                    self.tls_deferred = true;
+                    self.core.note_tls_accepts_deferred();
+                }
                 return Ok(true);
             }
+            self.tls_deferred &= !tls;
             match l.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
