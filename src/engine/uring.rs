@@ -893,7 +893,10 @@ impl Driver {
             // SAFETY: the iovec block (if any) is boxed and held in `conn.handle.send` until
             // this send's completion; the frames it (or the single SEND) points at are kept
             // alive by the core, which moves the connection's cursor and drops its `pre`
-            // frames only in `handle_written`, after the completion.
+            // frames only in `handle_written`, after the completion. On a TLS connection
+            // the single SEND points at the session's ciphertext buffer, which the core
+            // neither grows nor returns to its pool before `handle_written` says all of it
+            // is out, and frees only in `release`, after every op on the connection ended.
             unsafe { self.shards[shard].push(entry.user_data(ud)) };
         }
     }
