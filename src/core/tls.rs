@@ -15,8 +15,7 @@
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 
-use super::fanout::walk_live;
-use super::{flag, frame_of, ConnId, Core, Phase};
+use super::{flag, ConnId, Core, Phase};
 
 /// Most plaintext encrypted for one write: four full records.
 pub const TLS_WRITE_MAX: usize = 4 * RECORD_MAX;
@@ -531,27 +530,11 @@ impl<H> Core<H> {
 
     /// Bytes pending in `c`'s frames (after what is already written), up to the cap.
     fn pending_len(&self, c: ConnId) -> usize {
-        let Some(conn) = self.conns.get(c as usize) else {
-            return 0;
-        };
         let mut total = 0usize;
-        let mut skip = conn.off as usize;
-        let mut add = |s: &[u8]| {
-            total += s.len().saturating_sub(skip);
-            skip = 0;
-            total < TLS_WRITE_MAX + 1
-        };
-        for f in conn.pre.iter() {
-            if !add(f) {
-                return total;
-            }
-        }
-        if conn.replay.is_none() {
-            let http10 = conn.has(flag::HTTP10);
-            walk_live(conn.subs.as_slice(), &self.topics, |_, ev| {
-                add(frame_of(ev, http10))
-            });
-        }
+        self.walk_pending(c, |s| {
+            total += s.len();
+            total <= TLS_WRITE_MAX
+        });
         total
     }
 
@@ -560,29 +543,11 @@ impl<H> Core<H> {
     fn gather_plain(&mut self, c: ConnId) {
         let mut plain = std::mem::take(&mut self.tls_bufs.plain);
         plain.clear();
-        if let Some(conn) = self.conns.get(c as usize) {
-            let mut skip = conn.off as usize;
-            let mut push = |s: &[u8]| -> bool {
-                let s = &s[skip.min(s.len())..];
-                skip = 0;
-                let room = TLS_WRITE_MAX - plain.len();
-                plain.extend_from_slice(&s[..s.len().min(room)]);
-                plain.len() < TLS_WRITE_MAX
-            };
-            let mut room = true;
-            for f in conn.pre.iter() {
-                room = push(f);
-                if !room {
-                    break;
-                }
-            }
-            if room && conn.replay.is_none() {
-                let http10 = conn.has(flag::HTTP10);
-                walk_live(conn.subs.as_slice(), &self.topics, |_, ev| {
-                    push(frame_of(ev, http10))
-                });
-            }
-        }
+        self.walk_pending(c, |s| {
+            let room = TLS_WRITE_MAX - plain.len();
+            plain.extend_from_slice(&s[..s.len().min(room)]);
+            plain.len() < TLS_WRITE_MAX
+        });
         self.tls_bufs.plain = plain;
     }
 

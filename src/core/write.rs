@@ -85,29 +85,40 @@ impl<H> Core<H> {
         }
         let mut n = 0usize;
         let mut total = 0usize;
-        let mut skip = conn.off as usize;
-        let mut push = |s: &'a [u8]| -> bool {
-            let s = &s[skip.min(s.len())..];
-            skip = 0;
+        self.walk_pending(c, |s| {
             iov[n] = IoSlice::new(s);
             n += 1;
             total += s.len();
             n < MAX_IOVECS && total < MAX_WRITE_BYTES
+        });
+        (n, total)
+    }
+
+    /// Walk the frames pending for `c` in write order: its `pre` frames, then (unless a
+    /// replay is still running) its live frames merged across topics, the first cut by
+    /// what is already written. Stops when `f` returns false. The plaintext write, the
+    /// TLS gather and the TLS end check all read the connection through this one walk.
+    pub(super) fn walk_pending<'a>(&'a self, c: ConnId, mut f: impl FnMut(&'a [u8]) -> bool) {
+        let Some(conn) = self.conns.get(c as usize) else {
+            return;
         };
-        let mut room = true;
-        for f in conn.pre.iter() {
-            room = push(f);
-            if !room {
-                break;
+        let mut skip = conn.off as usize;
+        let mut push = |s: &'a [u8]| -> bool {
+            let s = &s[skip.min(s.len())..];
+            skip = 0;
+            f(s)
+        };
+        for fr in conn.pre.iter() {
+            if !push(fr) {
+                return;
             }
         }
-        if room && conn.replay.is_none() {
+        if conn.replay.is_none() {
             let http10 = conn.has(flag::HTTP10);
             walk_live(conn.subs.as_slice(), &self.topics, |_, ev| {
                 push(frame_of(ev, http10))
             });
         }
-        (n, total)
     }
 
     /// The socket of `c` has room again after a write would have blocked (epoll).

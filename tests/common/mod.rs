@@ -543,22 +543,33 @@ impl Crowd {
 
 impl CrowdConn {
     fn feed(&mut self, bytes: &[u8]) {
-        match self.head.as_mut() {
-            Some(head) => {
-                head.extend_from_slice(bytes);
-                if let Some(end) = find(head, b"\r\n\r\n") {
-                    assert!(
-                        head.starts_with(b"HTTP/1.1 200"),
-                        "subscriber got {:?}",
-                        String::from_utf8_lossy(head)
-                    );
-                    let rest = head[end + 4..].to_vec();
-                    self.head = None;
-                    self.parser.feed(&rest, &mut self.events);
-                }
+        feed_stream(&mut self.head, &mut self.parser, &mut self.events, bytes);
+    }
+}
+
+/// Feed a subscriber's bytes: the response head first (it must be a 200), then the body
+/// to the SSE parser.
+pub fn feed_stream(
+    head: &mut Option<Vec<u8>>,
+    parser: &mut SseParser,
+    events: &mut Vec<Event>,
+    bytes: &[u8],
+) {
+    match head.as_mut() {
+        Some(h) => {
+            h.extend_from_slice(bytes);
+            if let Some(end) = find(h, b"\r\n\r\n") {
+                assert!(
+                    h.starts_with(b"HTTP/1.1 200"),
+                    "subscriber got {:?}",
+                    String::from_utf8_lossy(h)
+                );
+                let rest = h[end + 4..].to_vec();
+                *head = None;
+                parser.feed(&rest, events);
             }
-            None => self.parser.feed(bytes, &mut self.events),
         }
+        None => parser.feed(bytes, events),
     }
 }
 

@@ -12,7 +12,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-use super::{find, read_head, Event, SseParser, WAIT};
+use super::{feed_stream, read_head, Event, SseParser, WAIT};
 
 /// A CA and the certificates it issued, as PEM files in a directory removed on drop.
 pub struct Pki {
@@ -370,22 +370,7 @@ impl CrowdTls {
     }
 
     fn feed(&mut self, bytes: &[u8]) {
-        match self.head.as_mut() {
-            Some(head) => {
-                head.extend_from_slice(bytes);
-                if let Some(end) = find(head, b"\r\n\r\n") {
-                    assert!(
-                        head.starts_with(b"HTTP/1.1 200"),
-                        "subscriber got {:?}",
-                        String::from_utf8_lossy(head)
-                    );
-                    let rest = head[end + 4..].to_vec();
-                    self.head = None;
-                    self.parser.feed(&rest, &mut self.events);
-                }
-            }
-            None => self.parser.feed(bytes, &mut self.events),
-        }
+        feed_stream(&mut self.head, &mut self.parser, &mut self.events, bytes);
     }
 
     /// The response head has arrived (the stream is established).
