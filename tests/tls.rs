@@ -40,7 +40,7 @@ fn events_arrive_in_order_over_tls_1_3_and_1_2_and_resume_with_last_event_id() {
     ] {
         let cfg = pki.client().versions(&[v]).build();
         let topic = format!("order-{name}");
-        let mut c = TlsClient::subscribe(tls, &cfg, &format!("/events/{topic}"));
+        let mut c = TlsClient::tls_subscribe(tls, &cfg, &format!("/events/{topic}"));
         assert_eq!(c.stream.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
         assert_eq!(c.stream.conn.protocol_version(), Some(v.version));
         assert_eq!(
@@ -58,7 +58,7 @@ fn events_arrive_in_order_over_tls_1_3_and_1_2_and_resume_with_last_event_id() {
         }
         // Resume after event 19: exactly 20..49, then live.
         let last = got[19].id.clone().expect("ids");
-        let mut r = TlsClient::get(
+        let mut r = TlsClient::tls_get(
             tls,
             "localhost",
             &cfg,
@@ -170,7 +170,7 @@ fn a_stalled_tls_subscriber_is_cut_and_a_fast_one_gets_everything() {
     let mut slow = tls_over(small_tls_socket(tls), &cfg);
     write!(slow, "GET /events/race HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     slow.flush().unwrap();
-    let mut fast = TlsClient::subscribe(tls, &cfg, "/events/race");
+    let mut fast = TlsClient::tls_subscribe(tls, &cfg, "/events/race");
     wait_streams(s.addr, 2);
     // In batches the fast reader keeps up with (a burst bigger than the backlog cap would
     // cut any reader), while the stalled one's backlog grows past it.
@@ -201,7 +201,7 @@ fn drain_ends_every_tls_stream_with_its_events_the_retry_hint_and_close_notify()
     };
     let cfg = pki.client().build();
     let mut clients: Vec<TlsClient> = (0..4)
-        .map(|_| TlsClient::subscribe(tls, &cfg, "/events/drain"))
+        .map(|_| TlsClient::tls_subscribe(tls, &cfg, "/events/drain"))
         .collect();
     wait_streams(s.addr, 4);
     let lines: Vec<String> = (0..20)
@@ -214,7 +214,7 @@ fn drain_ends_every_tls_stream_with_its_events_the_retry_hint_and_close_notify()
     let server = s.server.take().unwrap();
     let stopper = std::thread::spawn(move || server.shutdown());
     for c in clients.iter_mut() {
-        let end = c.read_to_end();
+        let end = c.read_to_close();
         assert_eq!(end, Ok(()), "the stream ended without a TLS close_notify");
         assert!(c.parser.ended, "no last chunk");
         // No shorter than the configured retry (the drain spreads reconnects above it).
@@ -307,7 +307,7 @@ fn hsts_is_sent_on_tls_responses_only() {
         headers.get("strict-transport-security").map(String::as_str),
         Some("max-age=86400")
     );
-    let c = TlsClient::subscribe(tls, &cfg, "/events/h");
+    let c = TlsClient::tls_subscribe(tls, &cfg, "/events/h");
     assert_eq!(
         c.headers
             .get("strict-transport-security")
@@ -339,7 +339,7 @@ fn bad_tls_input_is_refused_counted_and_costs_the_live_streams_nothing() {
         return;
     };
     let cfg = pki.client().build();
-    let mut live = TlsClient::subscribe(tls, &cfg, "/events/live");
+    let mut live = TlsClient::tls_subscribe(tls, &cfg, "/events/live");
     wait_streams(s.addr, 1);
 
     // Plain HTTP to the TLS port: a readable 400, then the close.
@@ -411,7 +411,7 @@ fn handshakes_in_progress_are_bounded_and_a_storm_waits_instead_of_being_refused
     let (tx, rx) = std::sync::mpsc::channel();
     let cfg3 = cfg.clone();
     let third = std::thread::spawn(move || {
-        let c = TlsClient::subscribe(tls, &cfg3, "/events/after");
+        let c = TlsClient::tls_subscribe(tls, &cfg3, "/events/after");
         tx.send(c.status).unwrap();
         c
     });
@@ -519,7 +519,7 @@ fn sighup_reloads_the_certificates_of_the_running_binary() {
     };
     wait_for("the TLS listener", || TcpStream::connect(tls).is_ok());
     let cfg = pki.client().build();
-    let mut stream = TlsClient::subscribe(tls, &cfg, "/events/hup");
+    let mut stream = TlsClient::tls_subscribe(tls, &cfg, "/events/hup");
     assert_eq!(peer_leaf(&stream.stream), old_der);
     let (_, _, new_der) = pki.leaf(&["localhost"], "next");
     std::fs::copy(pki.dir.join("next.pem"), &cert).unwrap();
@@ -644,7 +644,7 @@ fn a_client_close_notify_is_answered_with_ours() {
     idle.flush().unwrap();
     let (status, _, _) = read_head(&mut idle);
     assert_eq!(status, 200);
-    let mut stream = TlsClient::subscribe(tls, &cfg, "/events/bye");
+    let mut stream = TlsClient::tls_subscribe(tls, &cfg, "/events/bye");
     for st in [&mut idle, &mut stream.stream] {
         st.conn.send_close_notify();
         st.flush().unwrap();

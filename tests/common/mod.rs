@@ -227,8 +227,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// One subscriber over a blocking socket.
-pub struct Client {
-    pub stream: TcpStream,
+/// An SSE (or any HTTP) client over a blocking stream: TCP, or TLS (`common::tls`).
+pub struct Client<S = TcpStream> {
+    pub stream: S,
     pub status: u16,
     pub headers: HashMap<String, String>,
     pub parser: SseParser,
@@ -238,13 +239,31 @@ pub struct Client {
 impl Client {
     /// `GET path` with extra header lines; reads the response head.
     pub fn get(addr: SocketAddr, path: &str, extra: &str) -> Client {
-        let mut stream = TcpStream::connect(addr).expect("connect");
+        let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(WAIT)).unwrap();
+        Client::request(stream, "test", path, extra)
+    }
+
+    pub fn subscribe(addr: SocketAddr, path: &str) -> Client {
+        let c = Client::get(addr, path, "");
+        assert_eq!(c.status, 200, "subscribe {path}");
+        assert_eq!(
+            c.headers.get("content-type").map(String::as_str),
+            Some("text/event-stream; charset=utf-8")
+        );
+        c
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    /// Send `GET path` (with extra header lines) on `stream` and read the response head.
+    pub fn request(mut stream: S, host: &str, path: &str, extra: &str) -> Client<S> {
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n{extra}\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{extra}\r\n"
         )
         .unwrap();
+        stream.flush().unwrap();
         let (status, headers, rest) = read_head(&mut stream);
         let chunked = headers
             .get("transfer-encoding")
@@ -260,14 +279,18 @@ impl Client {
         c
     }
 
-    pub fn subscribe(addr: SocketAddr, path: &str) -> Client {
-        let c = Client::get(addr, path, "");
-        assert_eq!(c.status, 200, "subscribe {path}");
-        assert_eq!(
-            c.headers.get("content-type").map(String::as_str),
-            Some("text/event-stream; charset=utf-8")
-        );
-        c
+    /// Read until the server closes: Ok at a clean end of stream (for TLS: after the
+    /// server's close_notify), else the error's kind.
+    pub fn read_to_close(&mut self) -> Result<(), io::ErrorKind> {
+        let mut buf = [0u8; 16384];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(k) => self.parser.feed(&buf[..k], &mut self.events),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.kind()),
+            }
+        }
     }
 
     /// Read until `n` events arrived (or panic after WAIT).

@@ -143,82 +143,25 @@ pub fn peer_leaf(s: &TlsStream) -> CertificateDer<'static> {
     s.conn.peer_certificates().expect("a certificate")[0].clone()
 }
 
-/// A TLS SSE (or any HTTP) client over a blocking rustls stream.
-pub struct TlsClient {
-    pub stream: TlsStream,
-    pub status: u16,
-    pub headers: std::collections::HashMap<String, String>,
-    pub parser: SseParser,
-    pub events: Vec<Event>,
-}
+/// An SSE client over TLS: the plaintext client's reading, on a rustls stream.
+pub type TlsClient = super::Client<TlsStream>;
 
-impl TlsClient {
-    pub fn get(
+impl super::Client<TlsStream> {
+    pub fn tls_get(
         addr: SocketAddr,
         name: &str,
         cfg: &Arc<ClientConfig>,
         path: &str,
         extra: &str,
     ) -> TlsClient {
-        let mut stream = connect(addr, name, cfg).expect("TLS handshake");
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {name}\r\nAccept: text/event-stream\r\n{extra}\r\n"
-        )
-        .unwrap();
-        stream.flush().unwrap();
-        let (status, headers, rest) = read_head(&mut stream);
-        let chunked = headers
-            .get("transfer-encoding")
-            .is_some_and(|v| v.contains("chunked"));
-        let mut c = TlsClient {
-            stream,
-            status,
-            headers,
-            parser: SseParser::new(chunked),
-            events: Vec::new(),
-        };
-        c.parser.feed(&rest, &mut c.events);
-        c
+        let stream = connect(addr, name, cfg).expect("TLS handshake");
+        super::Client::request(stream, name, path, extra)
     }
 
-    pub fn subscribe(addr: SocketAddr, cfg: &Arc<ClientConfig>, path: &str) -> TlsClient {
-        let c = TlsClient::get(addr, "localhost", cfg, path, "");
+    pub fn tls_subscribe(addr: SocketAddr, cfg: &Arc<ClientConfig>, path: &str) -> TlsClient {
+        let c = TlsClient::tls_get(addr, "localhost", cfg, path, "");
         assert_eq!(c.status, 200, "subscribe {path}");
         c
-    }
-
-    pub fn wait_events(&mut self, n: usize) -> &[Event] {
-        let deadline = Instant::now() + WAIT;
-        let mut buf = [0u8; 16384];
-        while self.events.len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "timed out with {} of {n} events",
-                self.events.len()
-            );
-            match self.stream.read(&mut buf) {
-                Ok(0) => panic!("stream closed after {} of {n} events", self.events.len()),
-                Ok(k) => self.parser.feed(&buf[..k], &mut self.events),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => panic!("read failed after {} of {n} events: {e}", self.events.len()),
-            }
-        }
-        &self.events
-    }
-
-    /// Read until the server closes. Ok when it closed with a TLS close_notify, Err
-    /// (the kind) when the TCP connection just ended.
-    pub fn read_to_end(&mut self) -> Result<(), io::ErrorKind> {
-        let mut buf = [0u8; 16384];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(k) => self.parser.feed(&buf[..k], &mut self.events),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.kind()),
-            }
-        }
     }
 }
 
