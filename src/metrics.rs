@@ -132,9 +132,7 @@ pub fn render_tls(out: &mut String, certs: &crate::tls::CertStore) {
             failures,
         ),
     ] {
-        let _ = writeln!(out, "# HELP herald_{name} {help}");
-        let _ = writeln!(out, "# TYPE herald_{name} counter");
-        let _ = writeln!(out, "herald_{name} {v}");
+        row(out, name, "counter", help, v);
     }
 }
 
@@ -265,11 +263,16 @@ pub fn render(hub: &Hub, workers: &[std::sync::Arc<WorkerStats>], backend: &str)
             bytes as u64,
         ),
     ] {
-        let _ = writeln!(out, "# HELP herald_{name} {help}");
-        let _ = writeln!(out, "# TYPE herald_{name} {kind}");
-        let _ = writeln!(out, "herald_{name} {v}");
+        row(&mut out, name, kind, help, v);
     }
     out
+}
+
+/// One process-wide series with its HELP and TYPE lines.
+fn row(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP herald_{name} {help}");
+    let _ = writeln!(out, "# TYPE herald_{name} {kind}");
+    let _ = writeln!(out, "herald_{name} {v}");
 }
 
 #[cfg(test)]
