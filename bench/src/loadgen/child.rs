@@ -27,7 +27,7 @@ use rustls::ClientConnection;
 
 use super::proto::{buckets, new_hist, ChildMsg, ChildReport, ChildStatus};
 use super::tls::{self, Session, SessionTally, TlsClient};
-use super::{Opt, Target};
+use super::{subscribe_request, Opt, Target};
 use crate::procfs::{io_error_name, mono_ns, raise_nofile, vm_rss_kib};
 use crate::sse::{Decoder, Fail, Flow, Item};
 
@@ -171,16 +171,11 @@ struct Child {
 pub fn run(opt: &Opt) -> Result<()> {
     raise_nofile();
     let target = Target::parse(&opt.url)?;
+    let extra = opt.auth_headers()?;
     let requests = target
         .topics(opt.topics)
         .iter()
-        .map(|t| {
-            format!(
-                "GET {}{t} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
-                target.prefix, target.host
-            )
-            .into_bytes()
-        })
+        .map(|t| subscribe_request(&target, t, &extra))
         .collect();
     let children = opt.subscribers.div_ceil(opt.per_child.max(1)).max(1);
     let tls = TlsClient::from_opt(opt, &target)?;

@@ -25,7 +25,9 @@ use clap::{Parser, ValueEnum};
 /// every subscriber receives seq 0..E-1 exactly once, in order. Prints a table and, with
 /// --json, writes every figure. Target must be loopback unless --allow-remote.
 /// An https:// --url speaks TLS (rustls, verified against --cacert); --handshakes N
-/// measures TLS handshakes instead of subscribing.
+/// measures TLS handshakes instead of subscribing; --starts N measures stream starts
+/// (connect, subscribe, 200 head, close) per second. --bearer/--bearer-file/--cookie
+/// send a token with every subscribe request.
 #[derive(Parser, Debug, Clone, serde::Serialize)]
 #[command(name = "herald-bench", version)]
 pub struct Opt {
@@ -67,13 +69,33 @@ pub struct Opt {
     /// baseline cost of a connection and a request).
     #[arg(long, default_value_t = 0)]
     pub handshakes: u64,
-    /// Handshake-rate mode: connections in progress at once (one thread each).
-    #[arg(long, default_value_t = 8)]
+    /// Handshake-rate and stream-start modes: connections in progress at once (one
+    /// thread each).
+    #[arg(long, visible_alias = "concurrency", default_value_t = 8)]
     pub handshake_concurrency: usize,
     /// Handshake-rate mode: path requested on each connection (any complete response
     /// counts; statuses are reported).
     #[arg(long, default_value = "/healthz")]
     pub handshake_path: String,
+    /// Stream-start mode: this many times connect, send the subscribe request for the
+    /// --url topic (with --bearer/--cookie), read the response head (a 200 counts, any
+    /// other status is a failure), half-close and read to the server's close; report
+    /// stream starts per second and the server's CPU per start. No subscribers stay.
+    #[arg(long, default_value_t = 0, conflicts_with = "handshakes")]
+    pub starts: u64,
+    /// Send `Authorization: Bearer TOKEN` with every subscribe request (never written
+    /// to --json).
+    #[arg(long, conflicts_with = "bearer_file")]
+    #[serde(serialize_with = "redacted")]
+    pub bearer: Option<String>,
+    /// Read the --bearer token from this file (trailing whitespace stripped).
+    #[arg(long)]
+    pub bearer_file: Option<PathBuf>,
+    /// Send `Cookie: VALUE` with every subscribe request, e.g. 'herald_token=JWT'
+    /// (never written to --json).
+    #[arg(long)]
+    #[serde(serialize_with = "redacted")]
+    pub cookie: Option<String>,
     /// Number of SSE subscribers to open.
     #[arg(long, short = 'n', default_value_t = 1000)]
     pub subscribers: usize,
@@ -163,6 +185,55 @@ pub struct Opt {
     pub child_first: usize,
     #[arg(long, hide = true, default_value_t = 0)]
     pub child_count: usize,
+}
+
+/// Secrets in `--json`: whether one was given and its length, not its value.
+fn redacted<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(&format!("<redacted, {} bytes>", v.len())),
+        None => s.serialize_none(),
+    }
+}
+
+impl Opt {
+    /// The request header lines (each ending in CRLF) of --bearer / --bearer-file and
+    /// --cookie, empty without them.
+    pub fn auth_headers(&self) -> Result<String> {
+        let token = match (&self.bearer, &self.bearer_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(p)) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("--bearer-file {}", p.display()))?
+                    .trim_end()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let mut h = String::new();
+        if let Some(t) = token {
+            if t.is_empty() || t.bytes().any(|b| b.is_ascii_whitespace() || b < 0x21) {
+                bail!("the Bearer token is empty or contains whitespace/control characters");
+            }
+            h.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if let Some(c) = &self.cookie {
+            if c.bytes().any(|b| b == b'\r' || b == b'\n') {
+                bail!("--cookie contains a line break");
+            }
+            h.push_str(&format!("Cookie: {c}\r\n"));
+        }
+        Ok(h)
+    }
+}
+
+/// The subscribe request a subscriber sends (and a --starts connection): `extra` is
+/// header lines ending in CRLF (see `Opt::auth_headers`).
+pub fn subscribe_request(target: &Target, topic: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {}{topic} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{extra}\r\n",
+        target.prefix, target.host
+    )
+    .into_bytes()
 }
 
 /// Publishing path.
@@ -311,5 +382,37 @@ mod tests {
         let t = Target::parse("https://127.0.0.1/events/x").unwrap();
         assert_eq!((t.hostname.as_str(), t.addr.port()), ("127.0.0.1", 443));
         assert!(Target::parse("ftp://127.0.0.1/events/x").is_err());
+    }
+
+    #[test]
+    fn auth_headers_and_request() {
+        let mut opt = Opt::parse_from(["herald-bench"]);
+        assert_eq!(opt.auth_headers().unwrap(), "");
+        opt.bearer = Some("a.b.c".into());
+        opt.cookie = Some("herald_token=x.y.z".into());
+        let h = opt.auth_headers().unwrap();
+        assert_eq!(
+            h,
+            "Authorization: Bearer a.b.c\r\nCookie: herald_token=x.y.z\r\n"
+        );
+        let t = Target::parse("http://127.0.0.1:8080/events/bench").unwrap();
+        let req = String::from_utf8(subscribe_request(&t, "bench", &h)).unwrap();
+        assert!(req.starts_with("GET /events/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"));
+        assert!(req.ends_with("Cookie: herald_token=x.y.z\r\n\r\n"));
+        let json = serde_json::to_string(&opt).unwrap();
+        assert!(!json.contains("a.b.c") && !json.contains("x.y.z"));
+        assert!(json.contains("<redacted, 5 bytes>"));
+        opt.bearer = Some("a b".into());
+        assert!(opt.auth_headers().is_err());
+        opt.bearer = None;
+        let dir = std::env::temp_dir().join(format!("hb-bearer-{}", std::process::id()));
+        std::fs::write(&dir, "t.o.k\n").unwrap();
+        opt.bearer_file = Some(dir.clone());
+        opt.cookie = None;
+        assert_eq!(
+            opt.auth_headers().unwrap(),
+            "Authorization: Bearer t.o.k\r\n"
+        );
+        let _ = std::fs::remove_file(dir);
     }
 }

@@ -104,6 +104,15 @@ impl Fleet {
             if opt.tls_verify_every {
                 cmd.arg("--tls-verify-every");
             }
+            if let Some(t) = &opt.bearer {
+                cmd.args(["--bearer", t]);
+            }
+            if let Some(p) = &opt.bearer_file {
+                cmd.arg("--bearer-file").arg(p);
+            }
+            if let Some(c) = &opt.cookie {
+                cmd.args(["--cookie", c]);
+            }
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
@@ -260,7 +269,9 @@ pub fn run(opt: &Opt) -> Result<()> {
     }
     // Fail here, not in every child, on a bad --cacert or server name.
     let tls = TlsClient::from_opt(opt, &target)?;
-    if opt.handshakes > 0 {
+    // Fail here too on an unreadable --bearer-file or a bad token.
+    opt.auth_headers()?;
+    if opt.handshakes > 0 || opt.starts > 0 {
         return super::handshake::run(opt, &target, tls.as_ref());
     }
     let topics = target.topics(opt.topics);

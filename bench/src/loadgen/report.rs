@@ -169,6 +169,43 @@ pub struct HandshakeReport {
     pub loadgen_cpu_us_per_handshake: f64,
 }
 
+/// `--starts N`: N connections, each a subscribe request, its response head, a
+/// half-close and the server's close.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct StartReport {
+    pub requested: u64,
+    pub concurrency: usize,
+    pub path: String,
+    pub tls: bool,
+    /// An Authorization: Bearer / a Cookie header was sent.
+    pub bearer: bool,
+    pub cookie: bool,
+    /// 200 heads.
+    pub ok: u64,
+    /// By cause: `http_<status>` for any other status, errno names, `tls_*`.
+    pub failed: BTreeMap<String, u64>,
+    pub statuses: BTreeMap<String, u64>,
+    pub tls_sessions: BTreeMap<String, u64>,
+    /// first connect → last server close, s.
+    pub seconds: f64,
+    /// 200 heads ÷ seconds.
+    pub per_second: f64,
+    pub tcp_connect_us: Percentiles,
+    /// TLS only (else = tcp_connect_us).
+    pub handshake_us: Percentiles,
+    /// connect start → response head read, µs.
+    pub head_us: Percentiles,
+    /// connect start → server's close read, µs.
+    pub closed_us: Percentiles,
+    pub server_cpu_ms: f64,
+    /// Server CPU (schedstat, all threads) over the run ÷ ok: accept, request,
+    /// authentication, head, stream set-up and tear-down, close.
+    pub server_cpu_us_per_start: f64,
+    pub server_starts_per_cpu_second: f64,
+    pub server_cores_busy_us_per_start: Option<f64>,
+    pub loadgen_cpu_us_per_start: f64,
+}
+
 #[derive(Debug, Default, serde::Serialize)]
 pub struct NetReport {
     pub softnet_drops: u64,
@@ -194,6 +231,8 @@ pub struct Report {
     pub publish: Option<PublishReport>,
     /// --handshakes mode.
     pub handshakes: Option<HandshakeReport>,
+    /// --starts mode.
+    pub starts: Option<StartReport>,
     pub network: NetReport,
     pub valid: bool,
     pub invalid_reasons: Vec<String>,
@@ -223,8 +262,11 @@ impl Report {
         for w in &self.warnings {
             let _ = writeln!(s, "{:<34} {w}", "warning");
         }
-        if self.handshakes.is_none() {
+        if self.handshakes.is_none() && self.starts.is_none() {
             self.subscriber_lines(&mut s);
+        }
+        if let Some(st) = &self.starts {
+            Self::start_lines(st, &mut s);
         }
         if let Some(h) = &self.handshakes {
             let _ = writeln!(
@@ -275,6 +317,60 @@ impl Report {
         let n = &self.network;
         let _ = writeln!(s, "{:<34} softnet drops {}  retrans {} (+{} while connecting)  listen drops {} (+{} while connecting)", "network", n.softnet_drops, n.retrans_measured_phase, n.retrans_connect_phase, n.listen_drops_measured_phase, n.listen_drops_connect_phase);
         s
+    }
+
+    /// Figures of a --starts run.
+    fn start_lines(st: &StartReport, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "{:<34} {}/{} in {:.2} s = {:.0}/s (concurrency {}, GET {}{}{}{})",
+            "stream starts (200 head)",
+            st.ok,
+            st.requested,
+            st.seconds,
+            st.per_second,
+            st.concurrency,
+            st.path,
+            if st.tls { ", TLS" } else { "" },
+            if st.bearer { ", Bearer" } else { "" },
+            if st.cookie { ", Cookie" } else { "" },
+        );
+        if !st.failed.is_empty() {
+            let _ = writeln!(s, "{:<34} {:?}", "start failures", st.failed);
+        }
+        let _ = writeln!(s, "{:<34} {:?}", "responses", st.statuses);
+        if !st.tls_sessions.is_empty() {
+            let _ = writeln!(s, "{:<34} {:?}", "TLS sessions", st.tls_sessions);
+        }
+        let mut rows = vec![("TCP connect µs", &st.tcp_connect_us)];
+        if st.tls {
+            rows.push(("connect→handshake done µs", &st.handshake_us));
+        }
+        rows.push(("connect→response head µs", &st.head_us));
+        rows.push(("connect→server close µs", &st.closed_us));
+        for (name, p) in rows {
+            let _ = writeln!(
+                s,
+                "{:<34} p50 {:.0}  p99 {:.0}  max {:.0}",
+                name, p.p50, p.p99, p.max
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<34} {:.2} µs ({:.0} ms) = {:.0} starts per server CPU-second",
+            "server CPU per start",
+            st.server_cpu_us_per_start,
+            st.server_cpu_ms,
+            st.server_starts_per_cpu_second
+        );
+        if let Some(b) = st.server_cores_busy_us_per_start {
+            let _ = writeln!(s, "{:<34} {:.2} µs", "server cores busy per start", b);
+        }
+        let _ = writeln!(
+            s,
+            "{:<34} {:.2} µs",
+            "load generator CPU per start", st.loadgen_cpu_us_per_start
+        );
     }
 
     /// Connect, memory, hold and publish figures of a subscriber run.
