@@ -339,3 +339,71 @@ export function makeNssHome(caFile) {
   }
   return home;
 }
+
+// ---------------------------------------------------------------- authentication (JWT)
+
+/**
+ * An ES256 token issuer for the authentication tests: a fresh key pair (npm `jose`), its
+ * public key written as PEM (SPKI) to `<dir>/es256.pub.pem` for `--auth-keys`.
+ * mint({sub, subscribe, publish, lifetime, iat, exp, nbf, jti, claims, key}) resolves
+ * {token, exp, iat, jti, sub}; times are unix seconds, `lifetime` counts from `iat`;
+ * `exp: null` leaves exp out, `sub: null` leaves sub out.
+ */
+export async function makeEs256Issuer(dir = tempDir('herald-auth-')) {
+  const jose = await import('jose');
+  const { publicKey, privateKey } = await jose.generateKeyPair('ES256', { extractable: true });
+  const pemPath = path.join(dir, 'es256.pub.pem');
+  fs.writeFileSync(pemPath, await jose.exportSPKI(publicKey));
+  // A second key herald does not know: tokens it signs must be refused.
+  const { privateKey: strangerKey } = await jose.generateKeyPair('ES256');
+  let seq = 0;
+  const mint = async ({
+    sub = '42', subscribe = ['user/{sub}/*'], publish, lifetime = 600, iat, exp, nbf, jti,
+    claims = {}, key = privateKey,
+  } = {}) => {
+    const now = Math.floor(Date.now() / 1000);
+    iat = iat ?? now;
+    exp = exp === null ? null : (exp ?? iat + lifetime); // exp: null mints a token without exp
+    jti = jti ?? `jti-${process.pid}-${Date.now().toString(36)}-${++seq}`;
+    const herald = {};
+    if (subscribe) herald.subscribe = subscribe;
+    if (publish) herald.publish = publish;
+    const jwt = new jose.SignJWT({ herald, ...claims })
+      .setProtectedHeader({ alg: 'ES256', typ: 'JWT' })
+      .setIssuedAt(iat)
+      .setJti(jti);
+    if (exp !== null) jwt.setExpirationTime(exp);
+    if (sub !== null) jwt.setSubject(sub);
+    if (nbf !== undefined) jwt.setNotBefore(nbf);
+    return { token: await jwt.sign(key), exp, iat, jti, sub };
+  };
+  /** An unsigned token (`alg: none`) with the same claims: must always be refused. */
+  const mintNone = ({ sub = '42', subscribe = ['user/{sub}/*'], lifetime = 600 } = {}) => {
+    const now = Math.floor(Date.now() / 1000);
+    return new jose.UnsecuredJWT({ herald: { subscribe } }).setSubject(sub)
+      .setIssuedAt(now).setExpirationTime(now + lifetime).encode();
+  };
+  return { pemPath, publicKey, privateKey, strangerKey, mint, mintNone };
+}
+
+/**
+ * GET `url` with node's fetch and read only the head unless the body ends by itself
+ * (a refused request): {status, headers (lower-case names), body}. A 200 event stream is
+ * aborted after its head, so the connection never lingers.
+ */
+export async function fetchHead(url, { headers = {}, timeout = 5000 } = {}) {
+  const ctl = new AbortController();
+  const timer = setTimeout(() => ctl.abort(new Error(`GET ${url} timed out after ${timeout} ms`)), timeout);
+  try {
+    const res = await fetch(url, { headers, signal: ctl.signal, cache: 'no-store' });
+    const out = { status: res.status, headers: Object.fromEntries(res.headers), body: '' };
+    if ((out.headers['content-type'] || '').startsWith('text/event-stream')) {
+      ctl.abort();
+    } else {
+      out.body = await res.text();
+    }
+    return out;
+  } finally {
+    clearTimeout(timer);
+  }
+}
