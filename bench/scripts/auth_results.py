@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""scripts/auth-bench.sh's reports → markdown tables (stdout) and OUT/summary.json.
+
+    bench/scripts/auth_results.py OUT
+
+OUT/starts/starts__<config>__r<k>.json: herald-bench --starts reports;
+OUT/fanout/fanout__<config>__r<k>.json: fan-out subscriber runs. Medians over rounds
+with (min–max); ratios are <config> ÷ noauth of the medians. Invalid runs (softnet
+drops, retransmits) are listed and left out. Standard library only.
+"""
+
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def get(d, path):
+    for k in path.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def load(out, wl):
+    runs, invalid = {}, []
+    for f in sorted(glob.glob(os.path.join(out, wl, "*.json"))):
+        r = json.load(open(f))
+        cfg = os.path.basename(f).split("__")[1]
+        if not r.get("valid", False):
+            invalid.append(f"{os.path.basename(f)}: {'; '.join(r.get('invalid_reasons', []))}")
+            continue
+        runs.setdefault(cfg, []).append(r)
+    return runs, invalid
+
+
+def stat(runs, path):
+    v = [x for x in (get(r, path) for r in runs) if x is not None]
+    if not v:
+        return None
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+
+
+def fmt(s, f="{:.2f}"):
+    if s is None:
+        return "–"
+    return f"{f.format(s['median'])} ({f.format(s['min'])}–{f.format(s['max'])})"
+
+
+def ratio(s, base):
+    if s is None or base is None or not base["median"]:
+        return None
+    return s["median"] / base["median"]
+
+
+ORDER = ["noauth", "hs256", "es256"]
+NAMES = {
+    "noauth": "no auth",
+    "hs256": "HS256 (--auth-secret-file)",
+    "es256": "ES256 (--auth-keys PEM)",
+}
+
+STARTS = [
+    ("starts/s", "starts.per_second", "{:,.0f}"),
+    ("server CPU µs/start", "starts.server_cpu_us_per_start", "{:.2f}"),
+    ("starts per server CPU-s", "starts.server_starts_per_cpu_second", "{:,.0f}"),
+    ("server core busy µs/start", "starts.server_cores_busy_us_per_start", "{:.1f}"),
+    ("loadgen CPU µs/start", "starts.loadgen_cpu_us_per_start", "{:.1f}"),
+    ("connect→head p50 µs", "starts.head_us.p50", "{:,.0f}"),
+    ("connect→head p99 µs", "starts.head_us.p99", "{:,.0f}"),
+]
+FANOUT = [
+    ("server CPU µs/delivery", "publish.server_cpu_us_per_delivery", "{:.2f}"),
+    ("server core busy µs/delivery", "publish.server_cores_busy_us_per_delivery", "{:.2f}"),
+    ("deliveries/s", "publish.deliveries_per_s", "{:,.0f}"),
+    ("fan-out p99 ms", "publish.fanout_completion_us.p99", "{:,.0f}"),
+    ("latency p99 µs", "publish.latency_us.p99", "{:,.0f}"),
+    ("server RSS B/subscriber", "memory.server_rss_per_conn_bytes", "{:,.0f}"),
+    ("connect/s (10k with tokens)", "connect.per_second", "{:,.0f}"),
+    ("loadgen CPU µs/delivery", "publish.loadgen_cpu_us_per_delivery", "{:.2f}"),
+]
+
+
+def table(runs, rows, ratio_keys, title):
+    cfgs = [c for c in ORDER if c in runs] + sorted(c for c in runs if c not in ORDER)
+    lines = [f"### {title}", ""]
+    lines.append("| configuration | rounds | " + " | ".join(r[0] for r in rows) + " |")
+    lines.append("|---|---|" + "---|" * len(rows))
+    summary = {}
+    for c in cfgs:
+        stats = {name: stat(runs[c], path) for name, path, _ in rows}
+        summary[c] = stats
+        cells = [fmt(stats[name], f) for name, _, f in rows]
+        if "fan-out p99 ms" in stats and stats["fan-out p99 ms"]:
+            s = stats["fan-out p99 ms"]
+            cells[[r[0] for r in rows].index("fan-out p99 ms")] = fmt(
+                {k: (v / 1e3 if k != "n" else v) for k, v in s.items()}, "{:,.0f}")
+        lines.append(f"| {NAMES.get(c, c)} | {len(runs[c])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    base = summary.get("noauth")
+    if base:
+        lines.append("Ratios to no auth (medians):")
+        lines.append("")
+        for c in cfgs:
+            if c == "noauth":
+                continue
+            parts = []
+            for k in ratio_keys:
+                q = ratio(summary[c][k], base[k])
+                if q is not None:
+                    d = summary[c][k]["median"] - base[k]["median"]
+                    parts.append(f"{k} **{q:.3f}×** ({d:+.2f})")
+            lines.append(f"- {NAMES.get(c, c)}: " + "; ".join(parts))
+        lines.append("")
+    return lines, summary
+
+
+def main():
+    out = sys.argv[1]
+    lines, summary = [], {}
+    for wl, rows, keys, title in [
+        ("starts", STARTS, ["starts/s", "server CPU µs/start"], "Stream starts (connect, subscribe, 200 head, close)"),
+        ("fanout", FANOUT, ["server CPU µs/delivery", "server core busy µs/delivery"], "Fan-out CPU, auth off vs on"),
+    ]:
+        runs, invalid = load(out, wl)
+        if not runs and not invalid:
+            continue
+        t, s = table(runs, rows, keys, title)
+        lines += t
+        if invalid:
+            lines += ["Left out (INVALID): " + ", ".join(invalid), ""]
+        warn = sorted({w for rs in runs.values() for r in rs for w in r.get("warnings", [])})
+        if warn:
+            lines += ["Warnings in these runs: " + " / ".join(warn), ""]
+        summary[wl] = s
+    print("\n".join(lines))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
