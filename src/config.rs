@@ -161,6 +161,56 @@ pub struct Settings {
     /// Serve the demo page at GET / [default: true]
     #[arg(long)]
     pub demo: Option<bool>,
+    /// JWT verification keys: a JWKS file or PEM public keys (RS*, PS*, ES256, ES384,
+    /// EdDSA) [default: none]
+    #[arg(long)]
+    pub auth_keys: Option<PathBuf>,
+    /// HMAC secret for HS256/384/512 tokens: the file's bytes, one trailing newline
+    /// stripped [default: none]
+    #[arg(long)]
+    pub auth_secret_file: Option<PathBuf>,
+    /// JWKS URL, fetched on a side thread and refreshed [default: none]
+    #[arg(long)]
+    pub auth_jwks_url: Option<String>,
+    /// How often the JWKS URL is fetched again [default: 5m]
+    #[arg(long)]
+    pub auth_jwks_refresh: Option<String>,
+    /// Required `iss` of tokens [default: not checked]
+    #[arg(long)]
+    pub auth_issuer: Option<String>,
+    /// Required `aud` of tokens [default: not checked]
+    #[arg(long)]
+    pub auth_audience: Option<String>,
+    /// Cookie that may carry the token [default: herald_token]
+    #[arg(long)]
+    pub auth_cookie: Option<String>,
+    /// Query parameter that may carry the token (it leaks into proxy logs and browser
+    /// history; never logged by herald) [default: off]
+    #[arg(long)]
+    pub auth_query_param: Option<String>,
+    /// Topic patterns readable without a token, comma-separated (`*` any run, e.g.
+    /// "news,public/*") [default: "*" without keys, none with keys]
+    #[arg(long, value_delimiter = ',')]
+    pub public_topics: Option<Vec<String>>,
+    /// How long before a stream's token-imposed end it gets `event: herald-auth-expiring`
+    /// [default: 30s]
+    #[arg(long)]
+    pub auth_expiry_notice: Option<String>,
+    /// Longest token lifetime accepted (`exp` - `iat`); revocations are kept this long
+    /// [default: 7d]
+    #[arg(long)]
+    pub auth_max_lifetime: Option<String>,
+    /// Open streams per token subject (`sub`), process-wide, 0 = no limit; beyond it 429
+    /// [default: 0]
+    #[arg(long)]
+    pub max_streams_per_user: Option<usize>,
+    /// Permissions of the --ingest-unix socket, octal (e.g. 0660) [default: from umask]
+    #[arg(long)]
+    pub ingest_unix_mode: Option<String>,
+    /// JSON access log: "stderr", a file path, or "off"; SIGHUP reopens the file
+    /// [default: off]
+    #[arg(long)]
+    pub access_log: Option<String>,
     /// io_uring: direct descriptors per ring; a worker opens another ring when one is
     /// full [default: the open-files limit, the kernel's cap]
     #[arg(long)]
@@ -209,8 +259,45 @@ pub struct Config {
     pub cors_credentials: bool,
     pub publish_allow: Vec<IpNet>,
     pub demo: bool,
+    pub auth: AuthConfig,
+    /// Mode bits of the --ingest-unix socket.
+    pub ingest_unix_mode: Option<u32>,
+    pub access_log: Option<AccessLogTarget>,
     pub uring_table: Option<u32>,
     pub uring_rings: usize,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stderr,
+    File(PathBuf),
+}
+
+/// Authentication settings (`--auth-*`, `--public-topics`, `--max-streams-per-user`).
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub keys: Option<PathBuf>,
+    pub secret_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub jwks_refresh: Duration,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub cookie: String,
+    pub query_param: Option<String>,
+    /// Readable without a token.
+    pub public_topics: Vec<String>,
+    pub expiry_notice: Duration,
+    pub max_lifetime: Duration,
+    /// 0 = no limit.
+    pub max_streams_per_user: usize,
+}
+
+impl AuthConfig {
+    /// Whether any key source is configured (tokens can be verified).
+    pub fn enabled(&self) -> bool {
+        self.keys.is_some() || self.secret_file.is_some() || self.jwks_url.is_some()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +343,7 @@ impl Config {
 
     /// Validate settings (unset values take their defaults).
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let auth = auth_config(&s)?;
         let ingest = match s.ingest.as_deref().unwrap_or("127.0.0.1:7070") {
             "off" | "" => None,
             a => Some(a.parse().map_err(|e| value("ingest", e))?),
@@ -312,6 +400,27 @@ impl Config {
             cors_credentials: s.cors_credentials.unwrap_or(false),
             publish_allow,
             demo: s.demo.unwrap_or(true),
+            auth,
+            ingest_unix_mode: s
+                .ingest_unix_mode
+                .as_deref()
+                .map(|m| {
+                    u32::from_str_radix(m.trim().trim_start_matches("0o"), 8)
+                        .ok()
+                        .filter(|m| *m <= 0o777)
+                        .ok_or_else(|| {
+                            value(
+                                "ingest-unix-mode",
+                                format!("{m:?} is not an octal mode like 0660"),
+                            )
+                        })
+                })
+                .transpose()?,
+            access_log: match s.access_log.as_deref().map(str::trim) {
+                None | Some("off" | "") => None,
+                Some("stderr") => Some(AccessLogTarget::Stderr),
+                Some(p) => Some(AccessLogTarget::File(PathBuf::from(p))),
+            },
             uring_table: s.uring_table,
             uring_rings: s.uring_rings.unwrap_or(64),
         };
@@ -329,6 +438,9 @@ impl Config {
                 return Err(value("tls-cert", "needs --tls-listen"));
             }
             _ => {}
+        }
+        if cfg.ingest_unix_mode.is_some() && cfg.ingest_unix.is_none() {
+            return Err(value("ingest-unix-mode", "needs --ingest-unix"));
         }
         if cfg.tls_max_handshakes == 0 {
             return Err(value("tls-max-handshakes", "must be at least 1"));
@@ -398,10 +510,95 @@ impl Settings {
             cors_credentials,
             publish_allow,
             demo,
+            auth_keys,
+            auth_secret_file,
+            auth_jwks_url,
+            auth_jwks_refresh,
+            auth_issuer,
+            auth_audience,
+            auth_cookie,
+            auth_query_param,
+            public_topics,
+            auth_expiry_notice,
+            auth_max_lifetime,
+            max_streams_per_user,
+            ingest_unix_mode,
+            access_log,
             uring_table,
             uring_rings,
         )
     }
+}
+
+/// The authentication settings, validated: without a key source, only the options that
+/// make sense without one are accepted.
+fn auth_config(s: &Settings) -> Result<AuthConfig, ConfigError> {
+    let mut a = AuthConfig {
+        keys: s.auth_keys.clone(),
+        secret_file: s.auth_secret_file.clone(),
+        jwks_url: s.auth_jwks_url.clone().filter(|u| !u.is_empty()),
+        jwks_refresh: duration("auth-jwks-refresh", s.auth_jwks_refresh.as_deref(), "5m")?,
+        issuer: s.auth_issuer.clone().filter(|v| !v.is_empty()),
+        audience: s.auth_audience.clone().filter(|v| !v.is_empty()),
+        cookie: s
+            .auth_cookie
+            .clone()
+            .unwrap_or_else(|| "herald_token".to_string()),
+        query_param: s
+            .auth_query_param
+            .clone()
+            .filter(|v| !v.is_empty() && v != "off"),
+        public_topics: Vec::new(),
+        expiry_notice: duration("auth-expiry-notice", s.auth_expiry_notice.as_deref(), "30s")?,
+        max_lifetime: duration("auth-max-lifetime", s.auth_max_lifetime.as_deref(), "7d")?,
+        max_streams_per_user: s.max_streams_per_user.unwrap_or(0),
+    };
+    a.public_topics = match &s.public_topics {
+        Some(list) => list
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty() && p != "none")
+            .collect(),
+        None if a.enabled() => Vec::new(),
+        None => vec!["*".to_string()],
+    };
+    if let Some(u) = &a.jwks_url {
+        if !(u.starts_with("https://") || u.starts_with("http://")) {
+            return Err(value("auth-jwks-url", "must be an http:// or https:// URL"));
+        }
+    }
+    if a.jwks_refresh < Duration::from_secs(1) {
+        return Err(value("auth-jwks-refresh", "must be at least 1s"));
+    }
+    if a.cookie.is_empty()
+        || !a
+            .cookie
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        return Err(value(
+            "auth-cookie",
+            "must be a cookie name (an HTTP token)",
+        ));
+    }
+    if a.max_lifetime < Duration::from_secs(1) {
+        return Err(value("auth-max-lifetime", "must be at least 1s"));
+    }
+    if !a.enabled() {
+        let needs_keys = [
+            ("auth-issuer", a.issuer.is_some()),
+            ("auth-audience", a.audience.is_some()),
+            ("auth-query-param", a.query_param.is_some()),
+            ("max-streams-per-user", a.max_streams_per_user > 0),
+        ];
+        if let Some((key, _)) = needs_keys.iter().find(|(_, set)| *set) {
+            return Err(value(
+                key,
+                "needs --auth-keys, --auth-secret-file or --auth-jwks-url",
+            ));
+        }
+    }
+    Ok(a)
 }
 
 /// An address, or "off" (also "") for none; `default` when unset.

@@ -6,6 +6,8 @@
 #![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+pub mod access_log;
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod engine;
@@ -31,6 +33,8 @@ use ingest::listener::{Ingest, IngestSockets};
 /// A running herald.
 pub struct Server {
     shared: Arc<Shared>,
+    /// The JWKS fetcher, with `--auth-jwks-url`.
+    jwks: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<io::Result<()>>>,
     /// Told by the worker hosting ingest once it has stopped (or dropped when it exits).
     ingest_done: Option<std::sync::mpsc::Receiver<()>>,
@@ -78,9 +82,26 @@ pub fn start(config: Config) -> io::Result<Server> {
     }
     let listen_addr = plain_addr.or(tls_addr).expect("config requires a listener");
     let listeners = engine::worker_listeners(plain, secure, config.workers);
-    let sockets = IngestSockets::bind(config.ingest, config.ingest_unix.as_ref())?;
+    let sockets = IngestSockets::bind(
+        config.ingest,
+        config.ingest_unix.as_ref(),
+        config.ingest_unix_mode,
+    )?;
     let ingest_addr = sockets.tcp.as_ref().map(|l| l.local_addr()).transpose()?;
-    let shared = Shared::with_tls(config, tls);
+    let auth = auth::Auth::new(&config.auth)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("auth: {e}")))?
+        .map(Arc::new);
+    let access_log = config
+        .access_log
+        .as_ref()
+        .map(access_log::AccessLog::start)
+        .transpose()
+        .map_err(|e| io::Error::new(e.kind(), format!("access log: {e}")))?;
+    let shared = Shared::with_all(config, tls, auth, access_log);
+    let jwks = shared.auth.as_ref().and_then(|a| {
+        let s = shared.clone();
+        a.spawn_jwks(Box::new(move || s.hub.wake_all()))
+    });
     if let Some(path) = shared.config.history_file.as_ref() {
         match shared.hub.load_history(path) {
             Ok(n) => tracing::info!(path = %path.display(), events = n, "history loaded"),
@@ -94,6 +115,7 @@ pub fn start(config: Config) -> io::Result<Server> {
     let workers = engine::spawn_workers(&shared, backend, listeners, ingest)?;
     Ok(Server {
         shared,
+        jwks,
         workers,
         ingest_done: Some(ingest_done),
         listen_addr,
@@ -107,6 +129,13 @@ impl Server {
     /// Whether a worker has stopped on its own (an error, or shutdown has begun).
     pub fn is_stopping(&self) -> bool {
         self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// SIGHUP for the access log: reopen its file (after a rotation).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = self.shared.access_log.as_ref() {
+            log.reopen();
+        }
     }
 
     /// Read the TLS certificates and keys again (SIGHUP). New handshakes use them; open
@@ -138,6 +167,15 @@ impl Server {
             if result.is_ok() {
                 result = r;
             }
+        }
+        if let Some(auth) = self.shared.auth.as_ref() {
+            auth.stop();
+        }
+        if let Some(t) = self.jwks.take() {
+            let _ = t.join();
+        }
+        if let Some(log) = self.shared.access_log.as_ref() {
+            log.finish();
         }
         if let Some(path) = self.shared.config.history_file.as_ref() {
             match self.shared.hub.save_history(path) {

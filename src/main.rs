@@ -45,9 +45,11 @@ fn main() -> anyhow::Result<()> {
             if sig != SIGHUP {
                 break 'wait Some(sig);
             }
-            // SIGHUP: reload certificates; nothing else changes, no connection closes.
+            // SIGHUP: reopen the access log and reload certificates; nothing else
+            // changes, no connection closes.
+            server.reopen_access_log();
             if server.tls_addr.is_none() {
-                tracing::info!("SIGHUP: no TLS configured, nothing to reload");
+                tracing::info!("SIGHUP: no TLS configured, no certificates to reload");
                 continue;
             }
             match server.reload_tls() {

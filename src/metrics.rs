@@ -58,15 +58,29 @@ counters! {
     head_timeouts: "counter", "Connections closed for not sending a request head in time";
     http_errors: "counter", "Requests answered with a 4xx/5xx status (each status also below)";
     http_400: "counter", "Requests refused 400: malformed, smuggling-prone framing, bad topic or event";
-    http_403: "counter", "Requests refused 403: POST /publish from an address not allowed";
+    http_401: "counter", "Requests refused 401: a token needed and missing, or not valid";
+    http_403: "counter", "Requests refused 403: POST /publish from an address not allowed, or a topic the token does not grant";
     http_404: "counter", "Requests refused 404: unknown path";
     http_405: "counter", "Requests refused 405: wrong method";
     http_411: "counter", "Requests refused 411: chunked publish body";
     http_413: "counter", "Requests refused 413: publish body over --max-event";
     http_431: "counter", "Requests refused 431: head over --max-head";
+    http_429: "counter", "Requests refused 429: over --max-streams-per-user";
     http_503: "counter", "Requests refused 503: over the connection limit or accept rate, a worker busy, or the topic cap";
     http_publishes: "counter", "Events published with POST /publish";
     topics_closed_streams: "counter", "Streams ended by a topic close control message";
+    auth_streams: "counter", "Streams started with a verified token";
+    auth_publishes: "counter", "HTTP publishes accepted on a token from an address outside --publish-allow";
+    auth_refused_missing: "counter", "Requests refused 401: a token was needed and none was sent";
+    auth_refused_invalid: "counter", "Requests refused 401: a malformed token, a bad signature, a wrong algorithm, issuer or audience, an unknown key, not yet valid";
+    auth_refused_expired: "counter", "Requests refused 401: the token has expired";
+    auth_refused_revoked: "counter", "Requests refused 401: the token was revoked";
+    auth_refused_scope: "counter", "Requests refused 403: a topic the token does not grant";
+    auth_refused_limit: "counter", "Requests refused 429: over --max-streams-per-user";
+    auth_waits: "counter", "Requests that waited for a JWKS refetch (a token with an unknown kid)";
+    auth_expiry_notices: "counter", "herald-auth-expiring events sent";
+    auth_streams_expired: "counter", "Streams ended because their token expires";
+    auth_streams_revoked: "counter", "Streams ended by a disconnect control line";
     drain_cut: "counter", "Streams closed at the end of the drain window before their last chunk was written";
     accept_pauses: "counter", "Accepts paused because the process ran out of descriptors or memory";
     loop_turns: "counter", "Event loop iterations";
@@ -104,12 +118,14 @@ impl Counters {
         self.http_errors += 1;
         match status {
             400 => self.http_400 += 1,
+            401 => self.http_401 += 1,
             403 => self.http_403 += 1,
             404 => self.http_404 += 1,
             405 => self.http_405 += 1,
             411 => self.http_411 += 1,
             413 => self.http_413 += 1,
             431 => self.http_431 += 1,
+            429 => self.http_429 += 1,
             503 => self.http_503 += 1,
             _ => {}
         }
@@ -130,6 +146,70 @@ pub fn render_tls(out: &mut String, certs: &crate::tls::CertStore) {
             "tls_reload_failures_total",
             "Certificate reloads refused (bad or missing files; the old ones stay)",
             failures,
+        ),
+    ] {
+        row(out, name, "counter", help, v);
+    }
+}
+
+/// Authentication's process-wide figures.
+pub fn render_auth(out: &mut String, auth: &crate::auth::Auth) {
+    let s = &auth.stats;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "auth_jwks_fetches_total",
+            "counter",
+            "JWKS fetch attempts (--auth-jwks-url)",
+            get(&s.jwks_fetches),
+        ),
+        (
+            "auth_jwks_fetch_failures_total",
+            "counter",
+            "JWKS fetches that failed (the last good keys stay in use)",
+            get(&s.jwks_fetch_failures),
+        ),
+        (
+            "auth_jwks_keys",
+            "gauge",
+            "Keys in the last good JWKS",
+            get(&s.jwks_keys),
+        ),
+        (
+            "auth_revocations",
+            "gauge",
+            "Revocations kept (by sub and by jti)",
+            get(&s.revocations),
+        ),
+        (
+            "auth_revocations_refused_total",
+            "counter",
+            "Revocations refused because the list was full",
+            get(&s.revocations_refused),
+        ),
+    ] {
+        row(out, name, kind, help, v);
+    }
+}
+
+/// The access log's process-wide figures.
+pub fn render_access_log(out: &mut String, log: &crate::access_log::AccessLog) {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, v) in [
+        (
+            "access_log_lines_total",
+            "Access-log lines handed to the writer",
+            get(&log.lines),
+        ),
+        (
+            "access_log_dropped_total",
+            "Access-log lines dropped because the writer was behind",
+            get(&log.dropped),
+        ),
+        (
+            "access_log_write_errors_total",
+            "Access-log writes that failed",
+            get(&log.write_errors),
         ),
     ] {
         row(out, name, "counter", help, v);

@@ -197,12 +197,16 @@ impl<H> Core<H> {
         while let Some(msg) = inbox.pop() {
             self.handle_msg(msg);
         }
+        if !self.parked.is_empty() {
+            self.resume_parked();
+        }
     }
 
     pub(super) fn handle_msg(&mut self, msg: BusMsg) {
         match msg {
             BusMsg::Event(ev) => self.handle_event(ev),
             BusMsg::Close(name) => self.handle_topic_close(&name),
+            BusMsg::Revoke(what, at) => self.handle_revoke(&what, at),
         }
     }
 
@@ -251,6 +255,9 @@ impl<H> Core<H> {
                 conn.phase = Phase::Closing;
                 self.closing.push(sref.conn);
                 self.counters.slow_consumer_disconnects += 1;
+                if let Some(Some(i)) = self.info.get_mut(sref.conn as usize) {
+                    i.slow();
+                }
                 continue;
             }
             if conn.flags & (flag::READY | flag::WRITING) == 0 {
@@ -272,6 +279,7 @@ impl<H> Core<H> {
             .collect();
         for c in conns {
             self.counters.topics_closed_streams += 1;
+            self.set_reason(c, super::auth::EndReason::TopicClosed);
             self.start_drain(c, false, 0);
         }
     }

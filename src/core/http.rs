@@ -71,7 +71,7 @@ impl<H> Core<H> {
         match conn.phase {
             Phase::Respond => conn.flags |= flag::PEER_EOF,
             Phase::Closing => {}
-            _ => self.close(c),
+            _ => self.close_for(c, super::auth::EndReason::Client),
         }
     }
 
@@ -185,6 +185,7 @@ impl<H> Core<H> {
             self.respond(c, response::unavailable(1), false);
             return false;
         }
+        self.info_request(c, &req);
         let keep = req.keep_alive;
         let head_only = req.head_only;
         let simple =
@@ -197,6 +198,12 @@ impl<H> Core<H> {
                     crate::metrics::render(&self.shared.hub, &self.shared.stats, backend);
                 if let Some(tls) = self.shared.tls.as_ref() {
                     crate::metrics::render_tls(&mut text, &tls.certs);
+                }
+                if let Some(auth) = self.shared.auth.as_ref() {
+                    crate::metrics::render_auth(&mut text, auth);
+                }
+                if let Some(log) = self.shared.access_log.as_ref() {
+                    crate::metrics::render_access_log(&mut text, log);
                 }
                 let ct = "text/plain; version=0.0.4; charset=utf-8";
                 self.respond(c, simple(200, ct, text.as_bytes()), keep)
@@ -224,9 +231,20 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return false;
         };
-        let refusal: Option<(u16, &[u8])> = if !conn.has(flag::PUBLISHER) {
-            Some((403, b"publishing is not allowed from this address\n"))
-        } else if req.chunked_body {
+        if !conn.has(flag::PUBLISHER) {
+            let topic = match &req.route {
+                Route::Publish { topic, .. } => topic.clone(),
+                _ => String::new(),
+            };
+            if let Err(answer) = self.authorize_publish(&req, &topic) {
+                self.respond(c, answer, false);
+                return false;
+            }
+        }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return false;
+        };
+        let refusal: Option<(u16, &[u8])> = if req.chunked_body {
             Some((411, b"send the event data with a Content-Length\n"))
         } else {
             None
@@ -327,6 +345,7 @@ impl<H> Core<H> {
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         self.counters.count_status(status);
+        self.log_request(c, status);
         let write_ticks = self.ticks(self.shared.config.write_timeout);
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
@@ -346,6 +365,15 @@ impl<H> Core<H> {
     // ---- subscribe ----------------------------------------------------------------
 
     pub(super) fn subscribe(&mut self, c: ConnId, req: Request) {
+        let claims = match &req.route {
+            Route::Subscribe { topics, .. } => match self.authorize_subscribe(c, &req, topics) {
+                super::auth::Authz::Public => None,
+                super::auth::Authz::Granted(claims) => Some(claims),
+                super::auth::Authz::Answered => return,
+            },
+            _ => return,
+        };
+        self.stream_started_pre(c, &req);
         let Route::Subscribe {
             topics,
             last_event_id,
@@ -365,6 +393,13 @@ impl<H> Core<H> {
         }
         let last_retry = attach.last_retry;
         if attach.closed {
+            if let Some(sub) = claims.as_ref().and_then(|cl| cl.sub.as_deref()) {
+                if let Some(auth) = self.shared.auth.as_ref() {
+                    if self.shared.config.auth.max_streams_per_user > 0 {
+                        auth.release_stream(sub);
+                    }
+                }
+            }
             return self.respond(c, response::no_content(&cors), false);
         }
         let http10 = req.http10;
@@ -411,7 +446,12 @@ impl<H> Core<H> {
         }
         self.counters.streams_started += 1;
         self.counters.streams_open += 1;
-        self.wheel.insert(c, self.now_tick + ka);
+        if let Some(claims) = claims {
+            self.stream_authorized(c, claims);
+        }
+        self.stream_started(c);
+        let first = self.first_stream_deadline(c, self.now_tick + ka);
+        self.wheel.insert(c, first);
         self.mark_ready(c);
     }
 

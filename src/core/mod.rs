@@ -35,6 +35,7 @@ use crate::http::response::Cors;
 use crate::metrics::{Counters, WorkerStats};
 use crate::timer::wheel::Wheel;
 
+mod auth;
 mod fanout;
 #[cfg(test)]
 mod harness;
@@ -81,6 +82,10 @@ pub struct Shared {
     pub backend: OnceLock<&'static str>,
     /// Certificates and rustls configuration, when `--tls-listen` is set.
     pub tls: Option<crate::tls::Tls>,
+    /// Token verification, when a key source is configured.
+    pub auth: Option<Arc<crate::auth::Auth>>,
+    /// The access log's writer, with `--access-log`.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl Shared {
@@ -105,8 +110,25 @@ impl Shared {
             ingest_stop: AtomicBool::new(false),
             backend: OnceLock::new(),
             tls,
+            auth: None,
+            access_log: None,
             config,
         })
+    }
+
+    /// Shared state with everything [`Shared::with_tls`] sets up, plus authentication and
+    /// the access log.
+    pub fn with_all(
+        config: Config,
+        tls: Option<crate::tls::Tls>,
+        auth: Option<Arc<crate::auth::Auth>>,
+        access_log: Option<Arc<crate::access_log::AccessLog>>,
+    ) -> Arc<Shared> {
+        let mut s = Shared::with_tls(config, tls);
+        let m = Arc::get_mut(&mut s).expect("just made");
+        m.auth = auth;
+        m.access_log = access_log;
+        s
     }
 
     /// Lower the connection limit to what a backend can hold (never raise it).
@@ -332,6 +354,15 @@ pub struct Core<H> {
     tls_handshaking: usize,
     /// Bytes of buffers TLS connections hold (the pool's own are not counted).
     tls_held: usize,
+    /// Authentication and access-log state by connection id (empty when neither is on).
+    info: Vec<Option<Box<auth::ConnInfo>>>,
+    /// Requests waiting for a JWKS refetch.
+    parked: Vec<ConnId>,
+    /// This worker's token streams by subject and by token id (for revocation).
+    by_sub: std::collections::HashMap<Arc<str>, Vec<ConnId>>,
+    by_jti: std::collections::HashMap<Arc<str>, Vec<ConnId>>,
+    /// Access-log lines of this loop turn.
+    log: crate::access_log::LineBuf,
 }
 
 impl<H> Core<H> {
@@ -342,6 +373,9 @@ impl<H> Core<H> {
             max_head: cfg.max_head,
             max_topics: cfg.max_topics,
             max_body: cfg.max_event,
+            token_cookie: shared.auth.as_ref().map(|_| cfg.auth.cookie.clone()),
+            token_param: shared.auth.as_ref().and(cfg.auth.query_param.clone()),
+            keep_path: shared.access_log.is_some(),
         };
         Core {
             id,
@@ -366,6 +400,11 @@ impl<H> Core<H> {
             tls_bufs: tls::TlsBufs::default(),
             tls_handshaking: 0,
             tls_held: 0,
+            info: Vec::new(),
+            parked: Vec::new(),
+            by_sub: std::collections::HashMap::new(),
+            by_jti: std::collections::HashMap::new(),
+            log: Default::default(),
             shared,
         }
     }
@@ -426,6 +465,7 @@ impl<H> Core<H> {
         self.counters.tls_handshakes_in_progress = self.tls_handshaking as u64;
         self.counters.tls_buffer_bytes = self.tls_held as u64;
         self.counters.loop_turns += 1;
+        self.flush_log();
         self.shared.stats[self.id].store(&self.counters);
     }
 
@@ -466,6 +506,7 @@ impl<H> Core<H> {
             self.counters.connections_rejected += 1;
             self.conns[c as usize].flags |= flag::REJECT;
         }
+        self.info_accepted(c, peer);
         // The TLS handshake counts against the head timeout.
         let deadline = self.now_tick + self.ticks(self.shared.config.head_timeout);
         self.wheel.insert(c, deadline);
@@ -574,6 +615,7 @@ impl<H> Core<H> {
     /// The backend has closed `c` and no operation on it is in flight: forget it.
     pub fn release(&mut self, c: ConnId) -> Option<H> {
         self.conns.get(c as usize)?;
+        self.info_released(c);
         self.detach(c);
         self.drop_tls(c);
         self.wheel.remove(c);

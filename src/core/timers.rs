@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 
+use super::auth::{EndReason, ExpiryStep};
 use super::{flag, piece, ConnId, Core, Phase};
 use crate::sse::encode::{encode_retry, KEEPALIVE_BODY, KEEPALIVE_CHUNKED};
 
@@ -30,7 +31,10 @@ impl<H> Core<H> {
         tracing::info!(worker = self.id, connections = ids.len(), "draining");
         for (i, c) in ids.into_iter().enumerate() {
             match self.conns[c as usize].phase {
-                Phase::Stream => self.start_drain(c, true, i as u64 * window / n),
+                Phase::Stream => {
+                    self.set_reason(c, super::auth::EndReason::Drain);
+                    self.start_drain(c, true, i as u64 * window / n)
+                }
                 Phase::Head | Phase::Body => self.close(c),
                 Phase::Respond => self.conns[c as usize].flags &= !flag::KEEP_ALIVE,
                 Phase::Drain | Phase::Closing => {}
@@ -121,7 +125,7 @@ impl<H> Core<H> {
                 Phase::Stream | Phase::Drain => self.counters.drain_cut += 1,
                 _ => {}
             }
-            self.close(c);
+            self.close_for(c, super::auth::EndReason::Drain);
         }
         if self.counters.drain_cut > 0 {
             tracing::warn!(
@@ -150,6 +154,24 @@ impl<H> Core<H> {
         let ka = self.ticks(self.shared.config.keepalive);
         let stall = self.ticks(self.shared.config.write_timeout);
         let now = self.now_tick;
+        // A token's stream: its expiry notice and end share the connection's timer.
+        let mut token_next = u64::MAX;
+        if !self.info.is_empty()
+            && self
+                .conns
+                .get(c as usize)
+                .is_some_and(|cn| cn.phase == Phase::Stream)
+        {
+            match self.expiry_step(c, now) {
+                Some(ExpiryStep::Ended) => return,
+                Some(ExpiryStep::Next(t)) => token_next = t,
+                None => {}
+            }
+        }
+        if self.is_parked(c) {
+            // Waited for the JWKS refetch as long as a head may take: answer now.
+            return self.resume(c);
+        }
         let pending = self.has_pending(c);
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
@@ -171,7 +193,7 @@ impl<H> Core<H> {
             }
             Phase::Drain if stalled => {
                 self.counters.slow_consumer_disconnects += 1;
-                self.close(c);
+                self.close_for(c, EndReason::Stall);
             }
             Phase::Drain if conn.has(flag::WRITING) => {
                 conn.flags |= flag::DRAIN_DUE;
@@ -180,7 +202,7 @@ impl<H> Core<H> {
             Phase::Drain => self.finish_drain(c),
             Phase::Stream if stalled => {
                 self.counters.slow_consumer_disconnects += 1;
-                self.close(c);
+                self.close_for(c, EndReason::Stall);
             }
             Phase::Stream => {
                 // Idle for its due time (the interval less this connection's jitter):
@@ -205,7 +227,8 @@ impl<H> Core<H> {
                 } else {
                     due.saturating_sub(idle).max(1)
                 };
-                self.wheel.insert(c, now + next);
+                self.wheel
+                    .insert(c, (now + next).min(token_next).max(now + 1));
             }
             Phase::Closing => {}
         }

@@ -163,6 +163,12 @@ impl<H> Core<H> {
             conn.flags &= !flag::WRITING;
         }
         self.counters.bytes_written += n as u64;
+        if !self.info.is_empty() {
+            self.info_written(c, n);
+        }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
         if conn.has(flag::TLS) {
             if n > 0 {
                 conn.progress = self.now_tick as u32;
@@ -205,6 +211,9 @@ impl<H> Core<H> {
                 consume_live(conn.subs.as_mut_slice(), &self.topics, left, http10);
             conn.off = off;
             self.counters.events_delivered += delivered;
+            if let Some(Some(i)) = self.info.get_mut(c as usize) {
+                i.events += delivered;
+            }
             // A topic with no other local subscriber needs nothing it has written: free
             // its log now rather than at the topic's next event (a per-user topic's next
             // event may be hours away).
@@ -259,6 +268,6 @@ impl<H> Core<H> {
         if let Some(conn) = self.conns.get_mut(c as usize) {
             conn.flags &= !flag::WRITING;
         }
-        self.close(c);
+        self.close_for(c, super::auth::EndReason::Error);
     }
 }

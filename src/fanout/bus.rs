@@ -29,6 +29,8 @@ pub enum BusMsg {
     Event(Arc<Event>),
     /// End every stream of this topic.
     Close(TopicName),
+    /// End the streams a revocation covers (made at the unix second given).
+    Revoke(crate::auth::Revoke, u64),
 }
 
 /// How a parked worker is woken (an eventfd write, a mio `Waker`).
@@ -469,6 +471,25 @@ impl Hub {
         self.stats.topics_closed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Tell every worker about a revocation (already recorded by [`crate::auth::Auth`], so
+    /// no stream it covers can start after this).
+    pub fn revoke(&self, what: &crate::auth::Revoke, at: u64) {
+        let all = match self.inboxes.len() {
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        };
+        let st = loop {
+            let st = self.lock();
+            if self.has_room(all) {
+                break st;
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        self.send_to(st, all, || BusMsg::Revoke(what.clone(), at));
+        self.notify(all);
+    }
+
     /// The workers a message for `topic` goes to: those with a subscriber for it.
     fn targets(&self, topic: Option<&TopicState>) -> u64 {
         if self.inboxes.len() > 64 {
@@ -880,7 +901,7 @@ mod tests {
         std::iter::from_fn(|| h.inbox(w).pop())
             .filter_map(|m| match m {
                 BusMsg::Event(e) => Some(e.seq),
-                BusMsg::Close(_) => None,
+                BusMsg::Close(_) | BusMsg::Revoke(..) => None,
             })
             .collect()
     }
@@ -964,7 +985,7 @@ mod tests {
             .iter()
             .filter_map(|m| match m {
                 BusMsg::Event(e) => Some(e.seq),
-                BusMsg::Close(_) => None,
+                BusMsg::Close(_) | BusMsg::Revoke(..) => None,
             })
             .collect();
         assert_eq!(pending, [c.seq], "the inbox is handed over under the lock");

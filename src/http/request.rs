@@ -15,13 +15,19 @@ pub const MAX_HEAD_DEFAULT: usize = 8192;
 /// Default publish body limit, in bytes (1 MiB).
 pub const MAX_BODY_DEFAULT: usize = 1 << 20;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Longest request head, in bytes.
     pub max_head: usize,
     pub max_topics: usize,
     /// Longest publish body, in bytes.
     pub max_body: usize,
+    /// With authentication on: the cookie that may carry a token.
+    pub token_cookie: Option<String>,
+    /// The query parameter that may carry a token (`--auth-query-param`).
+    pub token_param: Option<String>,
+    /// Keep the path of each request (for the access log).
+    pub keep_path: bool,
 }
 
 impl Default for Limits {
@@ -30,7 +36,31 @@ impl Default for Limits {
             max_head: MAX_HEAD_DEFAULT,
             max_topics: MAX_TOPICS_DEFAULT,
             max_body: MAX_BODY_DEFAULT,
+            token_cookie: None,
+            token_param: None,
+            keep_path: false,
         }
+    }
+}
+
+/// Where a request's token came from (the first found, in this order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Header,
+    Cookie,
+    Query,
+}
+
+/// A bearer token as the client sent it. Never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    pub value: String,
+    pub source: TokenSource,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({:?}, {} bytes)", self.source, self.value.len())
     }
 }
 
@@ -73,6 +103,12 @@ pub struct Request {
     pub chunked_body: bool,
     /// `HEAD`: answer like `GET`, without the body.
     pub head_only: bool,
+    /// The token, when authentication is on and the request carries one.
+    pub token: Option<Token>,
+    /// The method, for the access log.
+    pub method: &'static str,
+    /// The path without its query (only with `Limits::keep_path`).
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -161,7 +197,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
         return Err(HttpError::BadRequest);
     };
     let http10 = version == 0;
-    let h = Headers::read(req.headers, http10)?;
+    let h = Headers::read(req.headers, http10, limits.token_cookie.as_deref())?;
     if method != "POST" && (h.content_length > 0 || h.transfer_encoding) {
         // The body would otherwise be read as the next request (smuggling).
         return Err(HttpError::UnexpectedBody {
@@ -190,15 +226,24 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
         }
     };
     let head_only = method == "HEAD";
+    let mut query_token = None;
     let route = match (method, kind) {
         ("OPTIONS", _) => Route::Preflight,
-        ("GET", Path::Events(topic)) => subscribe(topic, query, h.last_event_id, limits)?,
+        ("GET", Path::Events(topic)) => {
+            subscribe(topic, query, h.last_event_id, limits, &mut query_token)?
+        }
         ("POST", Path::Publish(topic)) => publish(topic, query)?,
         ("GET" | "HEAD", Path::Health) => Route::Health,
         ("GET" | "HEAD", Path::Metrics) => Route::Metrics,
         ("GET" | "HEAD", Path::Demo) => Route::Demo,
         _ => return Err(HttpError::MethodNotAllowed),
     };
+    let token = limits.token_cookie.as_ref().and_then(|_| {
+        let found = |value: Option<String>, source| value.map(|value| Token { value, source });
+        found(h.bearer, TokenSource::Header)
+            .or_else(|| found(h.cookie_token, TokenSource::Cookie))
+            .or_else(|| found(query_token, TokenSource::Query))
+    });
     Ok(Parsed::Done(Request {
         route,
         head_len,
@@ -208,6 +253,9 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
         content_length: h.content_length,
         chunked_body: h.chunked,
         head_only,
+        token,
+        method: known_method(method),
+        path: limits.keep_path.then(|| path.to_owned()),
     }))
 }
 
@@ -233,6 +281,17 @@ fn bodiless_method(method: &str) -> &'static str {
     .unwrap_or("this")
 }
 
+/// The method's name for the access log, without keeping the peer's bytes.
+fn known_method(method: &str) -> &'static str {
+    match method {
+        "POST" => "POST",
+        m => match bodiless_method(m) {
+            "this" => "other",
+            known => known,
+        },
+    }
+}
+
 /// What herald reads from the header lines. bare CR, obs-fold and whitespace before
 /// the colon never get here: httparse refuses them (pinned by `framing` below).
 struct Headers {
@@ -243,10 +302,18 @@ struct Headers {
     /// Any `Transfer-Encoding` header was present.
     transfer_encoding: bool,
     last_event_id: Option<String>,
+    /// `Authorization: Bearer` credentials (only looked for with authentication on).
+    bearer: Option<String>,
+    /// The token cookie's value.
+    cookie_token: Option<String>,
 }
 
 impl Headers {
-    fn read(headers: &[httparse::Header<'_>], http10: bool) -> Result<Self, HttpError> {
+    fn read(
+        headers: &[httparse::Header<'_>],
+        http10: bool,
+        token_cookie: Option<&str>,
+    ) -> Result<Self, HttpError> {
         let mut out = Headers {
             keep_alive: !http10,
             origin: None,
@@ -254,6 +321,8 @@ impl Headers {
             chunked: false,
             transfer_encoding: false,
             last_event_id: None,
+            bearer: None,
+            cookie_token: None,
         };
         let mut length: Option<usize> = None;
         // Codings over every Transfer-Encoding line, in order; `chunked` must be the
@@ -283,6 +352,20 @@ impl Headers {
                     }
                     length = Some(n);
                 }
+            } else if token_cookie.is_some() && name.eq_ignore_ascii_case("authorization") {
+                // RFC 6750 §2.1; another scheme is no bearer token.
+                let v = text(h.value)?.trim();
+                if let Some((scheme, cred)) = v.split_once(' ') {
+                    if scheme.eq_ignore_ascii_case("bearer") && out.bearer.is_none() {
+                        let cred = cred.trim();
+                        out.bearer = (!cred.is_empty()).then(|| cred.to_owned());
+                    }
+                }
+            } else if let Some(want) = token_cookie.filter(|_| name.eq_ignore_ascii_case("cookie"))
+            {
+                if out.cookie_token.is_none() {
+                    out.cookie_token = cookie_value(text(h.value)?, want);
+                }
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 out.transfer_encoding = true;
                 for coding in text(h.value)?.split(',').map(str::trim) {
@@ -299,6 +382,22 @@ impl Headers {
         out.content_length = length.unwrap_or(0);
         Ok(out)
     }
+}
+
+/// The value of cookie `name` in a `Cookie` header (RFC 6265 §5.4), quotes removed.
+fn cookie_value(header: &str, name: &str) -> Option<String> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        if k.trim() != name {
+            return None;
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v);
+        (!v.is_empty()).then(|| v.to_owned())
+    })
 }
 
 fn text(value: &[u8]) -> Result<&str, HttpError> {
@@ -364,6 +463,7 @@ fn subscribe(
     query: &str,
     header_id: Option<String>,
     limits: &Limits,
+    token: &mut Option<String>,
 ) -> Result<Route, HttpError> {
     let mut topics: Vec<String> = Vec::new();
     let mut query_id = None;
@@ -387,6 +487,7 @@ fn subscribe(
         match k.as_str() {
             "topic" => add(v)?,
             "lastEventId" | "last_event_id" if !v.is_empty() => query_id = Some(v),
+            k if limits.token_param.as_deref() == Some(k) && !v.is_empty() => *token = Some(v),
             _ => {}
         }
     }
@@ -644,6 +745,7 @@ mod tests {
             max_head: 64,
             max_topics: 2,
             max_body: 10,
+            ..Limits::default()
         };
         let head = b"GET /events/a HTTP/1.1\r\nHost: x\r\n\r\nbody";
         let full = head.len() - 4;

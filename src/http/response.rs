@@ -186,7 +186,7 @@ pub fn preflight(cors: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 204 No Content\r\n{cors}\
          Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n\
-         Access-Control-Allow-Headers: Last-Event-ID, Cache-Control, Content-Type\r\n\
+         Access-Control-Allow-Headers: Last-Event-ID, Cache-Control, Content-Type, Authorization\r\n\
          Access-Control-Max-Age: 86400\r\n\r\n"
     )
     .into_bytes()
@@ -356,7 +356,7 @@ mod tests {
             (
                 preflight(""),
                 "HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Methods: GET, POST, OPTIONS\r\n\
-                 Access-Control-Allow-Headers: Last-Event-ID, Cache-Control, Content-Type\r\n\
+                 Access-Control-Allow-Headers: Last-Event-ID, Cache-Control, Content-Type, Authorization\r\n\
                  Access-Control-Max-Age: 86400\r\n\r\n",
             ),
             (

@@ -24,7 +24,7 @@ use slab::Slab;
 
 use super::ndjson::{error_reply, parse_line, Command, Framed, LineError, LineFramer};
 use crate::core::Shared;
-use crate::fanout::bus::{Hub, PublishBatch};
+use crate::fanout::bus::PublishBatch;
 use crate::metrics::IngestStats;
 
 const TCP: Token = Token(usize::MAX - 1);
@@ -119,9 +119,12 @@ pub struct IngestSockets {
 }
 
 impl IngestSockets {
+    /// `unix_mode`: the Unix socket's permission bits (`--ingest-unix-mode`), set right
+    /// after the bind, before anything is accepted.
     pub fn bind(
         tcp: Option<std::net::SocketAddr>,
         unix: Option<&PathBuf>,
+        unix_mode: Option<u32>,
     ) -> io::Result<IngestSockets> {
         let tcp = tcp.map(std::net::TcpListener::bind).transpose()?;
         let unix = match unix {
@@ -133,7 +136,12 @@ impl IngestSockets {
                 }) {
                     std::fs::remove_file(path)?;
                 }
-                Some((std::os::unix::net::UnixListener::bind(path)?, path.clone()))
+                let l = std::os::unix::net::UnixListener::bind(path)?;
+                if let Some(mode) = unix_mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                }
+                Some((l, path.clone()))
             }
             None => None,
         };
@@ -456,7 +464,7 @@ impl Ingest {
     /// Read (up to `budget` bytes), publish, reply.
     fn serve(&mut self, k: usize, budget: usize, make_room: &mut dyn FnMut()) -> Next {
         let now = Instant::now();
-        let (hub, stats) = (&self.shared.hub, stats(&self.shared));
+        let (shared, stats) = (&*self.shared, stats(&self.shared));
         let Some(p) = self.pubs.get_mut(k) else {
             return Next::Close;
         };
@@ -467,7 +475,7 @@ impl Ingest {
             Err(_) => return Next::Close,
         }
         if p.lines_pending {
-            handle_lines(hub, stats, p, make_room);
+            handle_lines(shared, stats, p, make_room);
         }
         let mut read = 0usize;
         while !p.eof && !p.lines_pending {
@@ -484,7 +492,7 @@ impl Ingest {
                     read += n;
                     p.active_at = now;
                     p.framer.push(&self.buf[..n]);
-                    handle_lines(hub, stats, p, make_room);
+                    handle_lines(shared, stats, p, make_room);
                     if n < self.buf.len() && !p.fin_seen {
                         // A short read emptied the socket: whatever arrives later (a FIN
                         // too) raises a new edge, so the read that would only say
@@ -506,9 +514,11 @@ impl Ingest {
             p.unread = true;
         } else if p.eof {
             let max_line = p.max_line;
-            let mut batch = hub.batch();
+            let mut batch = shared.hub.batch();
             while let Some(f) = p.framer.finish() {
-                handle_line(&mut batch, hub, stats, f, &mut p.out, max_line, make_room);
+                handle_line(
+                    &mut batch, shared, stats, f, &mut p.out, max_line, make_room,
+                );
             }
         }
         match flush(p) {
@@ -559,9 +569,14 @@ impl Ingest {
 /// Handle the lines framed so far as one batch (each worker is woken once for them), up
 /// to the reply cap; past it the rest wait in the framer (`lines_pending`), so replies
 /// held stay near the cap.
-fn handle_lines(hub: &Hub, stats: &IngestStats, p: &mut Publisher, make_room: &mut dyn FnMut()) {
+fn handle_lines(
+    shared: &Shared,
+    stats: &IngestStats,
+    p: &mut Publisher,
+    make_room: &mut dyn FnMut(),
+) {
     let max_line = p.max_line;
-    let mut batch = hub.batch();
+    let mut batch = shared.hub.batch();
     loop {
         if p.out.len() >= MAX_PENDING_REPLIES {
             p.lines_pending = true;
@@ -571,13 +586,15 @@ fn handle_lines(hub: &Hub, stats: &IngestStats, p: &mut Publisher, make_room: &m
             p.lines_pending = false;
             return;
         };
-        handle_line(&mut batch, hub, stats, f, &mut p.out, max_line, make_room);
+        handle_line(
+            &mut batch, shared, stats, f, &mut p.out, max_line, make_room,
+        );
     }
 }
 
 fn handle_line(
     batch: &mut PublishBatch<'_>,
-    hub: &Hub,
+    shared: &Shared,
     stats: &IngestStats,
     f: Framed<'_>,
     out: &mut VecDeque<u8>,
@@ -596,9 +613,25 @@ fn handle_line(
         Ok(Command::CloseTopic(t)) => {
             // In order with the events before it: those workers are woken first.
             batch.flush();
-            hub.close_topic(&t);
+            shared.hub.close_topic(&t);
             None
         }
+        Ok(Command::Disconnect(what)) => match shared.auth.as_deref() {
+            None => Some(LineError::Refused(
+                "disconnect needs authentication (--auth-keys, --auth-secret-file or --auth-jwks-url)"
+                    .into(),
+            )),
+            // Recorded first: from here on no covered token starts a stream, and the
+            // workers end the ones open.
+            Some(auth) => match auth.revoke(&what) {
+                Ok(at) => {
+                    batch.flush();
+                    shared.hub.revoke(&what, at);
+                    None
+                }
+                Err(e) => Some(LineError::Refused(e)),
+            },
+        },
         Err(e) => Some(e),
     };
     if let Some(e) = err {

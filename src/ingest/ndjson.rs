@@ -17,6 +17,9 @@ pub enum Command {
     Publish(Publish),
     /// `{"topic":"x","control":"close"}`: end every stream of the topic.
     CloseTopic(String),
+    /// `{"control":"disconnect","sub":"42"}` or `{"control":"disconnect","jti":"…"}`:
+    /// end those streams and refuse the tokens concerned from now on.
+    Disconnect(crate::auth::Revoke),
 }
 
 /// Why a line was skipped; rendered for the publisher by `error_reply`.
@@ -32,8 +35,12 @@ pub enum LineError {
     WrongType(&'static str),
     #[error("line longer than {max} bytes")]
     LineTooLong { max: usize },
-    #[error("unknown control `{0}` (expected \"close\")")]
+    #[error("unknown control `{0}` (expected \"close\" or \"disconnect\")")]
     UnknownControl(String),
+    #[error("a disconnect names exactly one of `sub` and `jti`, a non-empty string")]
+    BadDisconnect,
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Invalid(#[from] PublishError),
 }
@@ -41,7 +48,7 @@ pub enum LineError {
 fn expected(field: &str) -> &'static str {
     match field {
         "retry" => "a non-negative integer (milliseconds) below 2^32",
-        "topic" | "data" | "control" => "a string",
+        "topic" | "data" | "control" | "sub" | "jti" => "a string",
         _ => "a string or null",
     }
 }
@@ -57,8 +64,21 @@ pub fn parse_line(line: &[u8]) -> Result<Command, LineError> {
             Err(e) => Err(LineError::InvalidJson(e.to_string())),
         };
     }
-    let raw: Raw =
+    let mut raw: Raw =
         serde_json::from_slice(line).map_err(|e| LineError::InvalidJson(e.to_string()))?;
+    if matches!(&raw.control, Loose::Str(c) if c == "disconnect") {
+        let sub = string_field(std::mem::take(&mut raw.sub), "sub")?;
+        let jti = string_field(std::mem::take(&mut raw.jti), "jti")?;
+        return match (sub, jti) {
+            (Some(s), None) if !s.is_empty() => {
+                Ok(Command::Disconnect(crate::auth::Revoke::Sub(s.into())))
+            }
+            (None, Some(j)) if !j.is_empty() => {
+                Ok(Command::Disconnect(crate::auth::Revoke::Jti(j.into())))
+            }
+            _ => Err(LineError::BadDisconnect),
+        };
+    }
     let topic = string_field(raw.topic, "topic")?.ok_or(LineError::MissingField("topic"))?;
     match raw.control {
         Loose::Absent | Loose::Null => {}
@@ -122,6 +142,10 @@ struct Raw {
     retry: Loose,
     #[serde(default)]
     control: Loose,
+    #[serde(default)]
+    sub: Loose,
+    #[serde(default)]
+    jti: Loose,
 }
 
 /// Any JSON value, keeping only what herald can use; `Absent` when the key is
