@@ -216,6 +216,7 @@ test(`[${HERALD_BACKEND}] (c) expiry: herald-auth-expiring with exp, a clean end
     token = refreshed.token;
   });
 
+  await waitOpen(rec);
   let n = 0;
   let publishing = true;
   const publisher = (async () => {
@@ -225,7 +226,6 @@ test(`[${HERALD_BACKEND}] (c) expiry: herald-auth-expiring with exp, a clean end
     }
   })();
   try {
-    await waitOpen(rec);
     // Publish across the notice, the end and the reconnect, until the second stream delivered.
     const deadlineMs = (first.exp + 20) * 1000 - Date.now();
     await waitFor(() => rec.opens >= 2 && rec.all.filter((e) => e.opens >= 2 && e.type === 'message').length >= 5,
