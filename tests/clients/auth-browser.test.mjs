@@ -6,10 +6,13 @@
 // Run: HERALD_BIN=target/release/herald HERALD_BACKEND=epoll node --test tests/clients/auth-browser.test.mjs
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
+import path from 'node:path';
 import { chromium } from 'playwright-core';
 import {
-  startHerald, publish, waitFor, withTimeout, freePort, makeEs256Issuer, HERALD_BACKEND,
+  startHerald, publish, waitFor, withTimeout, freePort, makeEs256Issuer, makePki, makeNssHome, tempDir, HERALD_BACKEND,
 } from './harness.mjs';
 
 const WAIT = 20000; // upper bound for every wait
@@ -23,17 +26,29 @@ let issuer;
 let allowed;
 let stranger;
 
-/** A tiny http server for a blank page at http://localhost:PORT/. */
-async function pageServer() {
+/**
+ * A tiny server for a blank page at http://localhost:PORT/ (or https://HOST:PORT/ with `tls`:
+ * {cert, key, host}). `/cookie` answers, with CORS for `corsOrigin`, the Cookie header it got.
+ */
+async function pageServer({ tls, corsOrigin } = {}) {
   const port = await freePort();
-  const server = http.createServer((req, res) => {
+  const handler = (req, res) => {
+    if (req.url === '/cookie') {
+      res.writeHead(200, { 'Content-Type': 'text/plain', 'Access-Control-Allow-Origin': corsOrigin || '*',
+        ...(corsOrigin ? { 'Access-Control-Allow-Credentials': 'true' } : {}) });
+      res.end(req.headers.cookie || '');
+      return;
+    }
     res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
     res.end('<!doctype html><title>page</title><body>page</body>');
-  });
+  };
+  const server = tls
+    ? https.createServer({ cert: fs.readFileSync(tls.cert), key: fs.readFileSync(tls.key) }, handler)
+    : http.createServer(handler);
   await new Promise((r) => server.listen(port, '127.0.0.1', r));
   return {
     port,
-    origin: `http://localhost:${port}`,
+    origin: tls ? `https://${tls.host}:${port}` : `http://localhost:${port}`,
     close: () => new Promise((r) => { server.close(() => r()); server.closeAllConnections?.(); }),
   };
 }
@@ -99,16 +114,23 @@ async function waitPage(page, pred, what) {
   }
 }
 
-/** Record the responses (status + headers) the browser got for URLs starting with `prefix`. */
+/**
+ * Record the requests the page makes to URLs starting with `prefix`; the returned function
+ * resolves one entry per request: {status, headers} of its response, or {failed} without one.
+ * (A body load the browser aborts after the head, as it does for a refused EventSource,
+ * is still one request with its response.)
+ */
 function watchResponses(page, prefix) {
   const seen = [];
-  page.on('response', (r) => {
-    if (r.url().startsWith(prefix)) seen.push(r.allHeaders().then((headers) => ({ status: r.status(), headers })));
+  page.on('request', (r) => {
+    if (r.url().startsWith(prefix)) seen.push(r);
   });
-  page.on('requestfailed', (r) => {
-    if (r.url().startsWith(prefix)) seen.push(Promise.resolve({ failed: r.failure()?.errorText }));
-  });
-  return () => withTimeout(Promise.all(seen), 5000, 'response headers');
+  const outcome = async (r) => {
+    const res = await r.response();
+    if (!res) return { failed: r.failure()?.errorText ?? 'no response' };
+    return { status: res.status(), headers: await res.allHeaders() };
+  };
+  return () => withTimeout(Promise.all(seen.map(outcome)), 5000, 'response headers');
 }
 
 test(`[${HERALD_BACKEND}] same origin: the herald_token cookie authorizes the demo page's EventSource; without it, error and CLOSED`, { timeout: 60000 }, async () => {
@@ -216,6 +238,7 @@ test(`[${HERALD_BACKEND}] cross origin with credentials: a listed origin gets ev
     assert.equal(p.length, 1, `no reconnect after the 401: ${JSON.stringify(p)}`);
     assert.equal(p[0].status, 401, JSON.stringify(p[0]));
     assert.equal(p[0].headers['access-control-allow-origin'], allowed.origin, 'the 401 carries the CORS headers a 200 would');
+    assert.equal(p[0].headers['access-control-allow-credentials'], 'true', 'the 401 carries the CORS headers a 200 would');
     const st = await rStranger();
     for (const r of st) {
       if (r.headers) {
@@ -225,5 +248,81 @@ test(`[${HERALD_BACKEND}] cross origin with credentials: a listed origin gets ev
     }
   } finally {
     await context.close();
+  }
+});
+
+test(`[${HERALD_BACKEND}] cross site over TLS: a SameSite=None; Secure cookie with withCredentials from https://other.test; a Lax cookie stays home`, { timeout: 90000 }, async (t) => {
+  // Fully cross-site: the page is https://other.test:P (a node server with the fixture's
+  // other.test certificate), herald is https://localhost:P1. Chromium trusts the fresh test
+  // CA through an NSS database; its profile allows third-party cookies (a preference, since
+  // a headless Chromium blocks them by default), and a probe against a plain node server
+  // shows it does before herald is judged.
+  const pki = makePki();
+  const { token } = await issuer.mint({ sub: '42', subscribe: ['user/{sub}/*'] });
+  const page = await pageServer({ tls: { ...pki.other, host: 'other.test' } });
+  const probe = await pageServer({ tls: { ...pki.localhost, host: 'localhost' }, corsOrigin: page.origin });
+  const h = await startHerald({
+    tls: { pairs: [pki.localhost] },
+    extraArgs: ['--auth-keys', issuer.pemPath, '--cors-origins', page.origin, '--cors-credentials', 'true'],
+  });
+  const profile = tempDir('herald-profile-');
+  fs.mkdirSync(path.join(profile, 'Default'));
+  fs.writeFileSync(path.join(profile, 'Default', 'Preferences'), JSON.stringify({
+    profile: { cookie_controls_mode: 0, block_third_party_cookies: false, default_content_setting_values: { cookies: 1 } },
+  }));
+  const context = await withTimeout(chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    env: { ...process.env, HOME: makeNssHome(pki.ca) },
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--host-resolver-rules=MAP other.test 127.0.0.1, MAP localhost 127.0.0.1'],
+  }), 30000, 'chromium (persistent profile) to launch');
+  const heraldUrl = `https://localhost:${h.tlsPort}`;
+  const cookie = (sameSite) => [
+    { name: 'herald_token', value: token, url: heraldUrl, secure: true, httpOnly: true, sameSite },
+    { name: 'probe', value: sameSite, url: probe.origin, secure: true, sameSite },
+  ];
+  try {
+    await context.addCookies(cookie('None'));
+    const p = await context.newPage();
+    await p.goto(`${page.origin}/`, { timeout: WAIT });
+    const seen = await p.evaluate((u) => fetch(u, { credentials: 'include' }).then((r) => r.text()), `${probe.origin}/cookie`);
+    if (!seen.includes('probe=None')) {
+      t.skip(`this Chromium sends no third-party cookie even with its profile allowing them (probe got ${JSON.stringify(seen)})`);
+      return;
+    }
+    const topic = 'user/42/cross-site';
+    const url = `${heraldUrl}/events/${topic}`;
+    const responses = watchResponses(p, url);
+    await openInPage(p, url, { withCredentials: true });
+    await waitPage(p, (st) => st.opens >= 1 && st.readyState === 1, 'cross-site, SameSite=None cookie: open');
+    await publish(h.ingestPort, [{ topic, data: 's1' }, { topic, data: 's2' }]);
+    const st = await waitPage(p, (x) => x.onmessage.some((m) => m.data === 's2'), 'cross-site events');
+    assert.deepEqual(st.all.map((e) => e.data), ['s1', 's2']);
+    const [r0] = await responses();
+    assert.equal(r0.status, 200);
+    assert.equal(r0.headers['access-control-allow-origin'], page.origin);
+    assert.equal(r0.headers['access-control-allow-credentials'], 'true');
+
+    // The same token in a SameSite=Lax cookie: not sent cross-site, so 401, error, CLOSED.
+    await context.clearCookies();
+    await context.addCookies(cookie('Lax'));
+    const p2 = await context.newPage();
+    await p2.goto(`${page.origin}/`, { timeout: WAIT });
+    const responses2 = watchResponses(p2, url);
+    await openInPage(p2, url, { withCredentials: true });
+    const st2 = await waitPage(p2, (x) => x.errors >= 1 && x.readyState === 2, 'cross-site, Lax cookie: error, CLOSED');
+    assert.equal(st2.opens, 0);
+    const r2 = await responses2();
+    assert.equal(r2[0].status, 401, JSON.stringify(r2));
+    assert.equal(r2[0].headers['access-control-allow-origin'], page.origin, 'CORS on the 401');
+    assert.equal(r2[0].headers['access-control-allow-credentials'], 'true', 'CORS on the 401');
+  } finally {
+    await withTimeout(context.close(), 10000, 'chromium to close').catch(() => {});
+    await page.close();
+    await probe.close();
+    const res = await h.stop();
+    assert.deepEqual(res, { code: 0, signal: null }, `herald should exit 0 on SIGTERM\n${h.logs()}`);
   }
 });
