@@ -249,7 +249,10 @@ def test_access_log_and_no_token_in_any_log(secret_file, tmp_path, monkeypatch):
             h.stop()
 
     output = h.logs(tail=0)  # herald's stdout + stderr, RUST_LOG=debug
-    assert "DEBUG" in output or "debug" in output, f"RUST_LOG=debug took effect:\n{output[-2000:]}"
+    # RUST_LOG=debug reached herald: it logs at DEBUG, or says DEBUG is compiled out of this build
+    # (tracing's max_level_info), in which case the info level is the most it can log.
+    assert re.search(r"\bDEBUG\b|static max level is `info`", output), \
+        f"RUST_LOG=debug took effect:\n{output[-2000:]}"
     log_text = access.read_text()
     for what, t in secrets_seen.items():
         sig = t.rsplit(".", 1)[1]
