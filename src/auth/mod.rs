@@ -78,7 +78,9 @@ impl Claims {
 
 #[derive(Deserialize)]
 struct RawClaims {
-    exp: f64,
+    /// Required; jsonwebtoken reports it missing before this is read.
+    #[serde(default)]
+    exp: Option<f64>,
     #[serde(default)]
     iat: Option<f64>,
     #[serde(default)]
@@ -306,10 +308,13 @@ impl Auth {
     }
 
     fn accept(&self, raw: RawClaims, now: u64) -> Result<Claims, Refusal> {
-        if !raw.exp.is_finite() || raw.exp <= now as f64 {
+        let Some(exp) = raw.exp else {
+            return Err(Refusal::Invalid("exp is required"));
+        };
+        if !exp.is_finite() || exp <= now as f64 {
             return Err(Refusal::Invalid("token expired"));
         }
-        let exp = raw.exp as u64;
+        let exp = exp as u64;
         let iat = raw
             .iat
             .filter(|t| t.is_finite() && *t >= 0.0)
@@ -437,9 +442,14 @@ impl Auth {
             return false;
         }
         f.wanted = true;
-        f.last_kid_fetch = Some(Instant::now());
         self.fetch_cv.notify_all();
         true
+    }
+
+    /// Whether a refetch is asked for and not yet begun (a request that waited through a
+    /// fetch begun before it asked keeps waiting for that one).
+    pub fn refetch_pending(&self) -> bool {
+        self.fetch.lock().is_ok_and(|f| f.wanted)
     }
 
     /// Start the JWKS thread when `--auth-jwks-url` is set: it fetches at once, then every
@@ -461,6 +471,13 @@ impl Auth {
             .into();
         let shown = redact_url(url);
         loop {
+            // What is asked for from here on needs a fetch after this one.
+            if let Ok(mut f) = self.fetch.lock() {
+                if f.wanted {
+                    f.last_kid_fetch = Some(Instant::now());
+                }
+                f.wanted = false;
+            }
             self.stats.jwks_fetches.fetch_add(1, Ordering::Relaxed);
             let ok = match fetch_jwks(&agent, url) {
                 Ok(keys) => {
@@ -484,7 +501,6 @@ impl Auth {
             let Ok(mut f) = self.fetch.lock() else {
                 return;
             };
-            f.wanted = false;
             self.jwks_epoch.fetch_add(1, Ordering::AcqRel);
             wake();
             let wait = if ok {

@@ -53,8 +53,6 @@ impl EndReason {
 const NOTICE_RETRY_TICKS: u64 = 10;
 /// `Retry-After` of a 429 over `--max-streams-per-user`, in seconds.
 const LIMIT_RETRY_AFTER_S: u32 = 5;
-/// The end of a token's stream comes at least this long before `exp`.
-const END_MARGIN_MS: u64 = 1000;
 
 /// What a connection carries for authentication and the access log.
 #[derive(Debug, Default)]
@@ -196,7 +194,13 @@ impl<H> Core<H> {
             Ok(claims) => claims,
             Err(Refusal::UnknownKid) => {
                 let retried = self.info_mut(c).is_some_and(|i| i.retried);
-                if !retried && auth.request_refetch() {
+                let wait = if retried {
+                    // The fetch it waited for began before it asked; one more is queued.
+                    auth.refetch_pending()
+                } else {
+                    auth.request_refetch()
+                };
+                if wait {
                     self.park_request(c, req, auth.jwks_epoch());
                     return Authz::Answered;
                 }
@@ -207,13 +211,21 @@ impl<H> Core<H> {
         let denied = std::iter::once(&private)
             .chain(topics.iter())
             .find(|t| !self.is_public(t) && !claims.may_subscribe(t));
-        if denied.is_some() {
-            return self.refuse(c, req, Refusal::Scope);
-        }
-        if let Some(sub) = claims.sub.as_deref() {
-            if !auth.acquire_stream(sub) {
-                return self.refuse(c, req, Refusal::Limit);
+        let refusal = if denied.is_some() {
+            Some(Refusal::Scope)
+        } else {
+            claims
+                .sub
+                .as_deref()
+                .filter(|sub| !auth.acquire_stream(sub))
+                .map(|_| Refusal::Limit)
+        };
+        if let Some(r) = refusal {
+            if self.shared.access_log.is_some() {
+                // The refused request's log line names who asked.
+                self.info_or_insert(c).sub = claims.sub.as_deref().map(Into::into);
             }
+            return self.refuse(c, req, r);
         }
         self.counters.auth_streams += 1;
         Authz::Granted(claims)
@@ -362,10 +374,8 @@ impl<H> Core<H> {
             .unwrap_or(now_ms);
         let tenth = (exp_ms.saturating_sub(issued_ms) / 10).max(1);
         let spread = ((c as u64) << 32 | gen as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
-        let end_ms = exp_ms
-            .saturating_sub(END_MARGIN_MS)
-            .saturating_sub(spread % tenth)
-            .max(now_ms);
+        // In the last tenth of the lifetime, strictly before `exp`.
+        let end_ms = exp_ms.saturating_sub(1 + spread % tenth).max(now_ms);
         let notice_at = end_ms.saturating_sub(notice_ms).max(now_ms);
         let now_tick = self.now_tick;
         let to_tick = |ms: u64| now_tick + (ms - now_ms) / super::TICK.as_millis() as u64;
@@ -535,7 +545,7 @@ impl<H> Core<H> {
             (
                 std::mem::replace(&mut i.method, ""),
                 i.path.take(),
-                i.sub.clone(),
+                i.sub.take(),
             )
         });
         let peer = self.info.get(c as usize).and_then(|i| i.as_deref());

@@ -564,7 +564,25 @@ impl Crowd {
     }
 }
 
+impl Crowd {
+    /// A crowd of connections registered on `poll` by the caller (token = index).
+    pub fn from_parts(poll: mio::Poll, conns: Vec<CrowdConn>) -> Crowd {
+        Crowd { poll, conns }
+    }
+}
+
 impl CrowdConn {
+    /// A subscriber whose request was sent; its head is read as it comes.
+    pub fn new(stream: mio::net::TcpStream) -> CrowdConn {
+        CrowdConn {
+            stream,
+            head: Some(Vec::new()),
+            parser: SseParser::new(true),
+            events: Vec::new(),
+            closed: false,
+        }
+    }
+
     fn feed(&mut self, bytes: &[u8]) {
         feed_stream(&mut self.head, &mut self.parser, &mut self.events, bytes);
     }
