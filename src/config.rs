@@ -581,6 +581,15 @@ fn auth_config(s: &Settings) -> Result<AuthConfig, ConfigError> {
             "must be a cookie name (an HTTP token)",
         ));
     }
+    if a.query_param
+        .as_deref()
+        .is_some_and(|q| ["topic", "lastEventId", "last_event_id"].contains(&q))
+    {
+        return Err(value(
+            "auth-query-param",
+            "must not be a parameter herald already reads (topic, lastEventId, last_event_id)",
+        ));
+    }
     if a.max_lifetime < Duration::from_secs(1) {
         return Err(value("auth-max-lifetime", "must be at least 1s"));
     }

@@ -485,7 +485,7 @@ fn the_token_comes_from_the_header_then_the_cookie_then_the_query_if_configured(
         ),
         (
             "cookie wins over a bad query",
-            format!("/events/t?access_token=bad"),
+            "/events/t?access_token=bad".to_string(),
             cookie(&good),
             200,
         ),

@@ -541,13 +541,9 @@ impl<H> Core<H> {
         if self.shared.access_log.is_none() {
             return;
         }
-        let info = self.info_mut(c).map(|i| {
-            (
-                std::mem::replace(&mut i.method, ""),
-                i.path.take(),
-                i.sub.take(),
-            )
-        });
+        let info = self
+            .info_mut(c)
+            .map(|i| (std::mem::take(&mut i.method), i.path.take(), i.sub.take()));
         let peer = self.info.get(c as usize).and_then(|i| i.as_deref());
         let mut m = self.log_base(c, "request", peer);
         let (method, path, sub) = info.unwrap_or(("", None, None));
