@@ -181,6 +181,99 @@ mod tests {
         assert_eq!(secret(b"abc\r\n"), b"abc\r");
     }
 
+    /// base64url without padding → bytes (for the signature in `verify_cost`).
+    fn b64url(s: &str) -> Vec<u8> {
+        let val = |c: u8| match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => panic!("not base64url"),
+        };
+        let mut out = Vec::new();
+        let (mut acc, mut bits) = (0u32, 0);
+        for &c in s.as_bytes() {
+            acc = (acc << 6) | u32::from(val(c));
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+            }
+        }
+        out
+    }
+
+    /// What verifying one token costs on this machine: jsonwebtoken 10's `decode`
+    /// (RustCrypto, as herald verifies) for ES256 and HS256, and ring's ECDSA P-256
+    /// verification of the same ES256 signature (ring is already in the build for TLS).
+    /// `cargo test --release -p herald-bench --bin mint-token -- --ignored --nocapture verify_cost`
+    #[test]
+    #[ignore]
+    fn verify_cost() {
+        use jsonwebtoken::{decode, DecodingKey, Validation};
+        use ring::signature::{self, EcdsaKeyPair, KeyPair};
+        use std::time::Instant;
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        let kp = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let subs = vec!["bench".to_string()];
+        let claims = Claims {
+            exp: 4_000_000_000,
+            iat: 1,
+            sub: "bench",
+            jti: random_hex(16).unwrap(),
+            iss: None,
+            aud: None,
+            herald: Grants {
+                subscribe: &subs,
+                publish: &[],
+            },
+        };
+        let es = jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            &claims,
+            &EncodingKey::from_ec_der(pkcs8.as_ref()),
+        )
+        .unwrap();
+        let hs = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        let n = 2000;
+        let time = |name: &str, f: &mut dyn FnMut()| {
+            f();
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+            println!("{name:<44} {us:>8.1} µs per token");
+        };
+        let es_key = DecodingKey::from_ec_der(kp.public_key().as_ref());
+        let es_val = Validation::new(Algorithm::ES256);
+        time("jsonwebtoken decode ES256 (RustCrypto p256)", &mut || {
+            decode::<serde_json::Value>(&es, &es_key, &es_val).unwrap();
+        });
+        let hs_key = DecodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let hs_val = Validation::new(Algorithm::HS256);
+        time("jsonwebtoken decode HS256", &mut || {
+            decode::<serde_json::Value>(&hs, &hs_key, &hs_val).unwrap();
+        });
+        let (input, sig) = es.rsplit_once('.').unwrap();
+        let sig = b64url(sig);
+        let pk = signature::UnparsedPublicKey::new(
+            &signature::ECDSA_P256_SHA256_FIXED,
+            kp.public_key().as_ref().to_vec(),
+        );
+        time("ring ECDSA P-256 verify (same signature)", &mut || {
+            pk.verify(input.as_bytes(), &sig).unwrap();
+        });
+    }
+
     #[test]
     fn hs256_round_trip() {
         use jsonwebtoken::{decode, DecodingKey, Validation};
