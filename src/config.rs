@@ -780,6 +780,80 @@ mod tests {
     }
 
     #[test]
+    fn auth_settings_default_and_validate() {
+        let c = Config::default();
+        assert!(!c.auth.enabled());
+        assert_eq!(
+            c.auth.public_topics,
+            vec!["*".to_string()],
+            "all public without keys"
+        );
+        assert_eq!(c.auth.cookie, "herald_token");
+        assert_eq!(c.auth.expiry_notice, Duration::from_secs(30));
+        assert_eq!(c.access_log, None);
+        let file: Settings = toml::from_str(
+            "auth-keys = \"k.pem\"\npublic-topics = [\"news\", \"public/*\"]\naccess-log = \"stderr\"\ningest-unix = \"/tmp/x.sock\"\ningest-unix-mode = \"0660\"",
+        )
+        .unwrap();
+        let c = Config::from_settings(file).unwrap();
+        assert!(c.auth.enabled());
+        assert_eq!(c.auth.public_topics, vec!["news", "public/*"]);
+        assert_eq!(c.access_log, Some(AccessLogTarget::Stderr));
+        assert_eq!(c.ingest_unix_mode, Some(0o660));
+        let keys_only = Settings {
+            auth_secret_file: Some("s".into()),
+            ..Default::default()
+        };
+        assert!(
+            Config::from_settings(keys_only.clone())
+                .unwrap()
+                .auth
+                .public_topics
+                .is_empty(),
+            "nothing public once keys are configured"
+        );
+        let bad: Vec<Settings> = vec![
+            // Options that only mean something with a key.
+            Settings {
+                auth_issuer: Some("i".into()),
+                ..Default::default()
+            },
+            Settings {
+                max_streams_per_user: Some(3),
+                ..Default::default()
+            },
+            Settings {
+                auth_query_param: Some("t".into()),
+                ..Default::default()
+            },
+            Settings {
+                auth_jwks_url: Some("ftp://x".into()),
+                ..Default::default()
+            },
+            Settings {
+                auth_query_param: Some("topic".into()),
+                ..keys_only.clone()
+            },
+            Settings {
+                auth_cookie: Some("a b".into()),
+                ..keys_only.clone()
+            },
+            Settings {
+                ingest_unix_mode: Some("0660".into()),
+                ..Default::default()
+            },
+            Settings {
+                ingest_unix: Some("/tmp/x".into()),
+                ingest_unix_mode: Some("rw".into()),
+                ..Default::default()
+            },
+        ];
+        for s in bad {
+            assert!(Config::from_settings(s.clone()).is_err(), "{s:?}");
+        }
+    }
+
+    #[test]
     fn tls_settings_pair_up_and_listen_may_be_off() {
         let file: Settings = toml::from_str(
             "listen = \"off\"\ntls-listen = \"127.0.0.1:8443\"\ntls-cert = [\"a.pem\", \"b.pem\"]\ntls-key = [\"a.key\", \"b.key\"]\nhsts = \"1d\"",

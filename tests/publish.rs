@@ -63,6 +63,26 @@ fn unix_socket_ingest_publishes() {
 }
 
 #[test]
+fn the_unix_socket_gets_the_mode_asked_for() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("herald-test-mode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for mode in [0o600, 0o660] {
+        let path = dir.join(format!("ingest-{mode:o}.sock"));
+        let p2 = path.clone();
+        let Some(s) = start(move |c| {
+            c.ingest_unix = Some(p2);
+            c.ingest_unix_mode = Some(mode);
+        }) else {
+            return;
+        };
+        let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "{mode:o}");
+        s.stop();
+    }
+}
+
+#[test]
 fn http_publish_returns_the_id_and_reaches_subscribers() {
     let Some(s) = start(|_| {}) else { return };
     let mut c = Client::subscribe(s.addr, "/events/h");
