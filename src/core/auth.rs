@@ -54,17 +54,12 @@ const NOTICE_RETRY_TICKS: u64 = 10;
 /// `Retry-After` of a 429 over `--max-streams-per-user`, in seconds.
 const LIMIT_RETRY_AFTER_S: u32 = 5;
 
-/// What a connection carries for authentication and the access log.
+/// What a connection carries for authentication and the access log. The access log's
+/// share is boxed apart, so a token's stream without the log holds about 100 bytes here.
 #[derive(Debug, Default)]
 pub(crate) struct ConnInfo {
-    peer: Option<IpAddr>,
-    /// The request being answered (access log).
-    method: &'static str,
-    path: Option<Box<str>>,
-    /// The stream's start, once its head is queued.
-    started: Option<SystemTime>,
-    topics: Vec<String>,
-    last_event_id: Option<String>,
+    /// With the access log on.
+    log: Option<Box<LogInfo>>,
     sub: Option<Arc<str>>,
     jti: Option<Arc<str>>,
     /// The token's `iat` (unix s), to tell a revocation's targets from newer tokens.
@@ -76,8 +71,6 @@ pub(crate) struct ConnInfo {
     notice_sent: bool,
     /// Counted in `--max-streams-per-user`.
     counted: bool,
-    pub(super) events: u64,
-    bytes: u64,
     reason: Option<EndReason>,
     /// A request waiting for a JWKS refetch, and the fetch epoch it saw.
     parked: Option<(Box<Request>, u64)>,
@@ -85,7 +78,31 @@ pub(crate) struct ConnInfo {
     retried: bool,
 }
 
+/// What the access log needs of a connection.
+#[derive(Debug, Default)]
+pub(crate) struct LogInfo {
+    peer: Option<IpAddr>,
+    /// The request being answered.
+    method: &'static str,
+    path: Option<Box<str>>,
+    /// The stream's start, once its head is queued.
+    started: Option<SystemTime>,
+    topics: Vec<String>,
+    last_event_id: Option<String>,
+    pub(super) events: u64,
+    bytes: u64,
+}
+
 impl ConnInfo {
+    fn log(&mut self) -> &mut LogInfo {
+        self.log.get_or_insert_with(Box::default)
+    }
+
+    /// The access log's share, if any.
+    pub(super) fn log_mut(&mut self) -> Option<&mut LogInfo> {
+        self.log.as_deref_mut()
+    }
+
     /// Disconnected over its backlog (set where the connection's record is already
     /// borrowed).
     pub(super) fn slow(&mut self) {
@@ -134,7 +151,7 @@ impl<H> Core<H> {
             *slot = None;
         }
         if self.shared.access_log.is_some() {
-            self.info_or_insert(c).peer = peer;
+            self.info_or_insert(c).log().peer = peer;
         }
     }
 
@@ -153,8 +170,8 @@ impl<H> Core<H> {
 
     /// A write on `c` moved `bytes`.
     pub(super) fn info_written(&mut self, c: ConnId, bytes: usize) {
-        if let Some(i) = self.info_mut(c) {
-            i.bytes += bytes as u64;
+        if let Some(l) = self.info_mut(c).and_then(ConnInfo::log_mut) {
+            l.bytes += bytes as u64;
         }
     }
 
@@ -163,9 +180,9 @@ impl<H> Core<H> {
         if self.shared.access_log.is_none() {
             return;
         }
-        let i = self.info_or_insert(c);
-        i.method = req.method;
-        i.path = req.path.as_deref().map(Into::into);
+        let l = self.info_or_insert(c).log();
+        l.method = req.method;
+        l.path = req.path.as_deref().map(Into::into);
     }
 
     fn is_public(&self, topic: &str) -> bool {
@@ -481,7 +498,7 @@ impl<H> Core<H> {
             return;
         };
         self.parked.retain(|&p| p != c);
-        if info.started.is_some() {
+        if info.log.as_ref().is_some_and(|l| l.started.is_some()) {
             self.log_stream(c, &info, true);
         }
         if info.counted {
@@ -521,7 +538,7 @@ impl<H> Core<H> {
         m.insert("conn".into(), conn.map_or(0, |cn| cn.gen).into());
         m.insert(
             "remote".into(),
-            info.and_then(|i| i.peer)
+            info.and_then(|i| i.log.as_ref()?.peer)
                 .map_or(Value::Null, |p| p.to_string().into()),
         );
         let http10 = conn.is_some_and(|cn| cn.has(flag::HTTP10));
@@ -541,9 +558,11 @@ impl<H> Core<H> {
         if self.shared.access_log.is_none() {
             return;
         }
-        let info = self
-            .info_mut(c)
-            .map(|i| (std::mem::take(&mut i.method), i.path.take(), i.sub.take()));
+        let info = self.info_mut(c).map(|i| {
+            let sub = i.sub.take();
+            let l = i.log();
+            (std::mem::take(&mut l.method), l.path.take(), sub)
+        });
         let peer = self.info.get(c as usize).and_then(|i| i.as_deref());
         let mut m = self.log_base(c, "request", peer);
         let (method, path, sub) = info.unwrap_or(("", None, None));
@@ -574,9 +593,9 @@ impl<H> Core<H> {
         else {
             return;
         };
-        let i = self.info_or_insert(c);
-        i.topics = topics.clone();
-        i.last_event_id = last_event_id.clone();
+        let l = self.info_or_insert(c).log();
+        l.topics = topics.clone();
+        l.last_event_id = last_event_id.clone();
     }
 
     /// A stream's head is queued: its start line.
@@ -584,10 +603,10 @@ impl<H> Core<H> {
         if self.shared.access_log.is_none() {
             return;
         }
-        let i = self.info_or_insert(c);
-        i.started = Some(SystemTime::now());
-        i.method = "";
-        i.path = None;
+        let l = self.info_or_insert(c).log();
+        l.started = Some(SystemTime::now());
+        l.method = "";
+        l.path = None;
         if let Some(info) = self.info.get_mut(c as usize).and_then(Option::take) {
             self.log_stream(c, &info, false);
             self.info[c as usize] = Some(info);
@@ -598,22 +617,25 @@ impl<H> Core<H> {
         if self.shared.access_log.is_none() {
             return;
         }
+        let Some(l) = info.log.as_deref() else {
+            return;
+        };
         let mut m = self.log_base(c, if end { "end" } else { "start" }, Some(info));
-        m.insert("topics".into(), info.topics.clone().into());
+        m.insert("topics".into(), l.topics.clone().into());
         m.insert("sub".into(), info.sub.as_deref().into());
-        m.insert("last_event_id".into(), info.last_event_id.clone().into());
+        m.insert("last_event_id".into(), l.last_event_id.clone().into());
         m.insert("status".into(), 200.into());
         if info.exp > 0 {
             m.insert("exp".into(), info.exp.into());
         }
         if end {
-            let started = info.started.unwrap_or_else(SystemTime::now);
+            let started = l.started.unwrap_or_else(SystemTime::now);
             let ms = SystemTime::now()
                 .duration_since(started)
                 .map_or(0, |d| d.as_millis() as u64);
             m.insert("duration_ms".into(), ms.into());
-            m.insert("events".into(), info.events.into());
-            m.insert("bytes".into(), info.bytes.into());
+            m.insert("events".into(), l.events.into());
+            m.insert("bytes".into(), l.bytes.into());
             let reason = info.reason.unwrap_or(EndReason::Error);
             m.insert("reason".into(), reason.as_str().into());
         }
@@ -674,4 +696,14 @@ pub(super) fn refusal_response(r: Refusal, cors: &str, keep: bool) -> Vec<u8> {
         keep,
         false,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    /// What a token's stream adds (before its `sub` and `jti` strings): kept small, since
+    /// per-user deployments have one such stream per user.
+    #[test]
+    fn a_token_stream_record_stays_small() {
+        assert!(std::mem::size_of::<super::ConnInfo>() <= 128);
+    }
 }

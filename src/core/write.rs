@@ -211,8 +211,12 @@ impl<H> Core<H> {
                 consume_live(conn.subs.as_mut_slice(), &self.topics, left, http10);
             conn.off = off;
             self.counters.events_delivered += delivered;
-            if let Some(Some(i)) = self.info.get_mut(c as usize) {
-                i.events += delivered;
+            if let Some(l) = self
+                .info
+                .get_mut(c as usize)
+                .and_then(|i| i.as_deref_mut()?.log_mut())
+            {
+                l.events += delivered;
             }
             // A topic with no other local subscriber needs nothing it has written: free
             // its log now rather than at the topic's next event (a per-user topic's next
