@@ -24,16 +24,72 @@ def get(d, path):
     return d
 
 
+# A run is left out as disturbed when CPU time of other programs on the machine over
+# the run exceeded this share of one core (see foreign()), or 40 ms (4 clock ticks of
+# /proc/stat's resolution over two CPUs) for short runs.
+FOREIGN_MAX_PCT = 5.0
+FOREIGN_MIN_MS = 40.0
+
+
+def is_disturbed(fo):
+    return fo is not None and fo["foreign_ms"] > max(FOREIGN_MIN_MS, fo["wall_ms"] * FOREIGN_MAX_PCT / 100)
+
+
+def foreign(out, tag):
+    """From logs/TAG.cpu (auth-bench.sh's cpu_mark): the machine's busy time over the run
+    (user+nice+system+irq+softirq of all CPUs, /proc/stat) less herald's schedstat run
+    time and the load generator's CPU (its rusage), as % of one core over the wall time;
+    steal % of all CPUs separately. None without the file."""
+    path = os.path.join(out, "logs", tag + ".cpu")
+    if not os.path.exists(path):
+        return None
+    m = {"before": {}, "after": {}}
+    for line in open(path):
+        w = line.split()
+        if len(w) < 3:
+            continue
+        m[w[0]][w[1]] = w[2:]
+    b, a = m["before"], m["after"]
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def ticks(d, i):
+        return sum(int(d["cpu"][k]) for k in i)
+
+    busy_ms = (ticks(a, (0, 1, 2, 5, 6)) - ticks(b, (0, 1, 2, 5, 6))) * 1000 / hz
+    steal_ms = (ticks(a, (7,)) - ticks(b, (7,))) * 1000 / hz
+    wall_ms = (int(a["wall_ns"][0]) - int(b["wall_ns"][0])) / 1e6
+    srv_ms = (int(a["herald_ns"][0]) - int(b["herald_ns"][0])) / 1e6
+
+    lg_ms = (sum(map(int, a["children_ticks"])) - sum(map(int, b["children_ticks"]))) * 1000 / hz
+    other = busy_ms - srv_ms - lg_ms
+    ncpu = len([k for k in a if k.startswith("cpu") and k != "cpu"]) or 1
+    return {
+        "wall_ms": wall_ms,
+        "busy_ms": busy_ms,
+        "server_ms": srv_ms,
+        "loadgen_ms": lg_ms,
+        "foreign_ms": other,
+        "foreign_pct_of_core": 100 * other / wall_ms if wall_ms > 0 else 0.0,
+        "steal_pct": 100 * steal_ms / (wall_ms * ncpu) if wall_ms > 0 else 0.0,
+    }
+
+
 def load(out, wl):
-    runs, invalid = {}, []
+    runs, invalid, disturbed = {}, [], []
     for f in sorted(glob.glob(os.path.join(out, wl, "*.json"))):
         r = json.load(open(f))
-        cfg = os.path.basename(f).split("__")[1]
+        tag = os.path.basename(f)[:-5]
+        cfg = tag.split("__")[1]
+        r["_foreign"] = foreign(out, tag)
         if not r.get("valid", False):
-            invalid.append(f"{os.path.basename(f)}: {'; '.join(r.get('invalid_reasons', []))}")
+            invalid.append(f"{tag}: {'; '.join(r.get('invalid_reasons', []))}")
+            continue
+        fo = r["_foreign"]
+        if is_disturbed(fo):
+            disturbed.append(f"{tag} ({fo['foreign_pct_of_core']:.0f} % of a core)")
             continue
         runs.setdefault(cfg, []).append(r)
-    return runs, invalid
+    return runs, invalid, disturbed
 
 
 def stat(runs, path):
@@ -64,7 +120,7 @@ NAMES = {
 
 STARTS = [
     ("starts/s", "starts.per_second", "{:,.0f}"),
-    ("server CPU µs/start", "starts.server_cpu_us_per_start", "{:.2f}"),
+    ("server CPU µs/start", "starts.server_cpu_us_per_start", "{:.1f}"),
     ("starts per server CPU-s", "starts.server_starts_per_cpu_second", "{:,.0f}"),
     ("server core busy µs/start", "starts.server_cores_busy_us_per_start", "{:.1f}"),
     ("loadgen CPU µs/start", "starts.loadgen_cpu_us_per_start", "{:.1f}"),
@@ -118,19 +174,31 @@ def table(runs, rows, ratio_keys, title):
 
 
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--disturbed":
+        # auth-bench.sh: exit 0 if run TAG in OUT was disturbed.
+        fo = foreign(sys.argv[2], sys.argv[3])
+        if fo:
+            print(f"foreign CPU {fo['foreign_pct_of_core']:.1f} % of a core, steal {fo['steal_pct']:.1f} %")
+        sys.exit(0 if is_disturbed(fo) else 1)
     out = sys.argv[1]
     lines, summary = [], {}
     for wl, rows, keys, title in [
         ("starts", STARTS, ["starts/s", "server CPU µs/start"], "Stream starts (connect, subscribe, 200 head, close)"),
         ("fanout", FANOUT, ["server CPU µs/delivery", "server core busy µs/delivery"], "Fan-out CPU, auth off vs on"),
     ]:
-        runs, invalid = load(out, wl)
-        if not runs and not invalid:
+        runs, invalid, disturbed = load(out, wl)
+        if not runs and not invalid and not disturbed:
             continue
         t, s = table(runs, rows, keys, title)
         lines += t
         if invalid:
             lines += ["Left out (INVALID): " + ", ".join(invalid), ""]
+        if disturbed:
+            lines += [f"Left out (other programs used > {FOREIGN_MAX_PCT:.0f} % of a core during the run): "
+                      + ", ".join(disturbed), ""]
+        fo = [r["_foreign"]["foreign_pct_of_core"] for rs in runs.values() for r in rs if r["_foreign"]]
+        if fo:
+            lines += [f"Foreign CPU in the runs kept: {min(fo):.1f}–{max(fo):.1f} % of a core.", ""]
         warn = sorted({w for rs in runs.values() for r in rs for w in r.get("warnings", [])})
         if warn:
             lines += ["Warnings in these runs: " + " / ".join(warn), ""]
