@@ -1037,3 +1037,48 @@ fn wait_streams_at_most(addr: SocketAddr, n: u64) {
         metric(addr, "herald_streams_open") <= n
     });
 }
+
+#[test]
+fn a_certificate_pem_gives_its_public_key_and_a_numeric_sub_is_a_string() {
+    let kp = rcgen::KeyPair::from_pem(&keys().p256.0).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["issuer.test".to_string()])
+        .unwrap()
+        .self_signed(&kp)
+        .unwrap();
+    let d = tmpdir("cert");
+    std::fs::write(d.join("issuer.crt"), cert.pem()).unwrap();
+    let Some(s) = start(|c| {
+        c.auth = AuthConfig {
+            keys: Some(d.join("issuer.crt")),
+            ..base_auth()
+        }
+    }) else {
+        return;
+    };
+    let t = now();
+    let token = mint_with(
+        Algorithm::ES256,
+        None,
+        &json!({"sub": 42, "iat": t, "exp": t + 60, "herald": {"subscribe": ["user/{sub}"]}}),
+    );
+    assert_eq!(
+        try_subscribe(s.addr, "/events/user/42", &bearer(&token)).0,
+        200
+    );
+    assert_eq!(
+        try_subscribe(s.addr, "/events/user/43", &bearer(&token)).0,
+        403
+    );
+}
+
+#[test]
+fn a_key_file_with_a_private_key_is_refused_at_start() {
+    let d = tmpdir("private");
+    std::fs::write(d.join("k.pem"), &keys().p256.0).unwrap();
+    let cfg = AuthConfig {
+        keys: Some(d.join("k.pem")),
+        ..base_auth()
+    };
+    let err = herald::auth::Auth::new(&cfg).unwrap_err();
+    assert!(err.contains("private key"), "{err}");
+}

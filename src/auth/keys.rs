@@ -60,7 +60,8 @@ pub fn load_secret(path: &Path) -> Result<Key, String> {
     })
 }
 
-/// `--auth-keys`: a JWKS (JSON) file, or PEM public keys (`PUBLIC KEY`, `RSA PUBLIC KEY`).
+/// `--auth-keys`: a JWKS (JSON) file, or PEM public keys (`PUBLIC KEY`, `RSA PUBLIC KEY`,
+/// or a `CERTIFICATE`, whose public key is used; its validity is not checked).
 pub fn load_keys_file(path: &Path) -> Result<Vec<Key>, String> {
     let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let first = text.iter().find(|b| !b.is_ascii_whitespace());
@@ -168,6 +169,22 @@ fn parse_pem(text: &[u8]) -> Result<Vec<Key>, String> {
                 let info = SubjectPublicKeyInfoRef::from_der(der.as_bytes())
                     .map_err(|e| format!("bad PUBLIC KEY block: {e}"))?;
                 out.push(spki_key(pem, &info)?);
+            }
+            "CERTIFICATE" => {
+                use rustls::pki_types::pem::PemObject as _;
+                let cert = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                    .map_err(|e| format!("bad CERTIFICATE block: {e}"))?;
+                let ee = webpki::EndEntityCert::try_from(&cert)
+                    .map_err(|e| format!("bad CERTIFICATE block: {e}"))?;
+                let spki_der = ee.subject_public_key_info();
+                let doc = spki::Document::try_from(spki_der.as_ref())
+                    .map_err(|e| format!("bad certificate public key: {e}"))?;
+                let spki_pem = doc
+                    .to_pem("PUBLIC KEY", spki::der::pem::LineEnding::LF)
+                    .map_err(|e| format!("bad certificate public key: {e}"))?;
+                let info = SubjectPublicKeyInfoRef::from_der(doc.as_bytes())
+                    .map_err(|e| format!("bad certificate public key: {e}"))?;
+                out.push(spki_key(&spki_pem, &info)?);
             }
             "PRIVATE KEY" | "EC PRIVATE KEY" | "RSA PRIVATE KEY" | "ENCRYPTED PRIVATE KEY" => {
                 return Err("holds a private key: give herald only public keys".into())

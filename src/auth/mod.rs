@@ -83,12 +83,22 @@ struct RawClaims {
     exp: Option<f64>,
     #[serde(default)]
     iat: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_number")]
     sub: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_or_number")]
     jti: Option<String>,
     #[serde(default)]
     herald: Grants,
+}
+
+/// A string claim that some issuers send as a number (`"sub": 42`).
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Null => None,
+        _ => return Err(serde::de::Error::custom("expected a string")),
+    })
 }
 
 #[derive(Deserialize, Default)]
