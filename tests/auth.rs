@@ -48,6 +48,9 @@ fn keys() -> &'static Keys {
     static K: OnceLock<Keys> = OnceLock::new();
     K.get_or_init(|| {
         use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        // herald's verifier (ring) must be the process's before jsonwebtoken picks its
+        // default on the first signing, so these tests check the verifier herald runs.
+        assert!(herald::auth::ring_verify::install());
         let rsa = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
         let ec = |alg: &'static rcgen::SignatureAlgorithm| {
             let kp = rcgen::KeyPair::generate_for(alg).unwrap();
