@@ -64,11 +64,13 @@ fi
 mkdir -p "$OUT/starts" "$OUT/fanout" "$OUT/logs"
 TMPD=$(mktemp -d /tmp/herald-auth-bench.XXXXXX)
 trap 'stop_herald; rm -rf "$TMPD"' EXIT
+trap 'exit 143' INT TERM
 for b in herald-bench mint-token; do
   [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p herald-bench" >&2; exit 2; }
 done
 command -v openssl >/dev/null || { echo "needs the openssl CLI" >&2; exit 2; }
 # A private copy: a rebuild of target/release/herald during the run changes nothing.
+HERALD_SRC=$HERALD
 cp "$HERALD" "$TMPD/herald" || exit 2
 HERALD=$TMPD/herald
 
@@ -83,7 +85,10 @@ for alg in HS256 ES256; do
 done
 
 "$ROOT/scripts/bench-env.sh" > "$OUT/env.md" 2>/dev/null
-"$HERALD" --version >> "$OUT/env.md" 2>&1 || true
+{
+  echo "| herald under test | $HERALD_SRC, $("$HERALD" --version 2>&1), file time $(date -u -r "$HERALD_SRC" +%FT%TZ), sha256 $(sha256sum "$HERALD" | cut -c1-16)… |"
+  echo "| network namespace | $([ "$INSIDE" = 1 ] && echo "private (unshare -n)" || echo "the host's") |"
+} >> "$OUT/env.md"
 echo "results → $OUT" >&2
 
 # The box is shared: before each measurement wait (up to QUIET_MAX s) until neither core
@@ -173,7 +178,7 @@ cpu_mark() {
   {
     echo "$2 wall_ns $(date +%s%N)"
     grep -E '^cpu[0-9]* ' /proc/stat | sed "s/^/$2 /"
-    echo "$2 herald_ns $(cat "/proc/$SERVER_PID"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {print s + 0}')"
+    echo "$2 herald_ns $(cat "/proc/$SERVER_PID"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}')"
     # cutime + cstime (ticks) of this shell: its waited-for children, the load generator.
     echo "$2 children_ticks $(sed 's/.*) //' "/proc/$$/stat" | cut -d' ' -f14,15)"
   } >> "$f"

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """scripts/auth-bench.sh's reports → markdown tables (stdout) and OUT/summary.json.
 
-    bench/scripts/auth_results.py OUT
+    bench/scripts/auth_results.py [--foreign-max PCT] [--with-retried] OUT
+
+--foreign-max PCT: the disturbed limit (default 5 % of a core); --with-retried: also
+count the disturbed tries auth-bench.sh repeated (logs/*.disturbed*.json).
 
 OUT/starts/starts__<config>__r<k>.json: herald-bench --starts reports;
 OUT/fanout/fanout__<config>__r<k>.json: fan-out subscriber runs. Medians over rounds
@@ -58,7 +61,7 @@ def foreign(out, tag):
     busy_ms = (ticks(a, (0, 1, 2, 5, 6)) - ticks(b, (0, 1, 2, 5, 6))) * 1000 / hz
     steal_ms = (ticks(a, (7,)) - ticks(b, (7,))) * 1000 / hz
     wall_ms = (int(a["wall_ns"][0]) - int(b["wall_ns"][0])) / 1e6
-    srv_ms = (int(a["herald_ns"][0]) - int(b["herald_ns"][0])) / 1e6
+    srv_ms = (float(a["herald_ns"][0]) - float(b["herald_ns"][0])) / 1e6
 
     lg_ms = (sum(map(int, a["children_ticks"])) - sum(map(int, b["children_ticks"]))) * 1000 / hz
     other = busy_ms - srv_ms - lg_ms
@@ -74,9 +77,12 @@ def foreign(out, tag):
     }
 
 
-def load(out, wl):
+def load(out, wl, with_retried=False):
     runs, invalid, disturbed = {}, [], []
-    for f in sorted(glob.glob(os.path.join(out, wl, "*.json"))):
+    files = glob.glob(os.path.join(out, wl, "*.json"))
+    if with_retried:
+        files += glob.glob(os.path.join(out, "logs", wl + "__*.disturbed*.json"))
+    for f in sorted(files):
         r = json.load(open(f))
         tag = os.path.basename(f)[:-5]
         cfg = tag.split("__")[1]
@@ -139,7 +145,7 @@ FANOUT = [
 ]
 
 
-def table(runs, rows, ratio_keys, title):
+def table(runs, rows, ratio_keys, paired_key, title):
     cfgs = [c for c in ORDER if c in runs] + sorted(c for c in runs if c not in ORDER)
     lines = [f"### {title}", ""]
     lines.append("| configuration | rounds | " + " | ".join(r[0] for r in rows) + " |")
@@ -170,6 +176,25 @@ def table(runs, rows, ratio_keys, title):
                     parts.append(f"{k} **{q:.3f}×** ({d:+.2f})")
             lines.append(f"- {NAMES.get(c, c)}: " + "; ".join(parts))
         lines.append("")
+        # Paired: each round's run ÷ the same round's no-auth run, where both were kept.
+        name = paired_key
+        path = dict((r[0], r[1]) for r in rows)[name]
+        # Rounds by label (a retried run's label is its round's); several tries: median.
+        by_round = {}
+        for c in cfgs:
+            acc = {}
+            for r in runs[c]:
+                acc.setdefault(r["label"].rsplit("__r", 1)[-1], []).append(get(r, path))
+            by_round[c] = {k: statistics.median(v) for k, v in acc.items()}
+        for c in cfgs:
+            if c == "noauth":
+                continue
+            q = [by_round[c][k] / by_round["noauth"][k] for k in by_round[c]
+                 if k in by_round["noauth"] and by_round["noauth"][k]]
+            if q:
+                lines.append(f"- paired by round, {name}, {NAMES.get(c, c)} ÷ no auth: median "
+                             f"**{statistics.median(q):.3f}×** ({min(q):.3f}–{max(q):.3f}, {len(q)} rounds)")
+        lines.append("")
     return lines, summary
 
 
@@ -180,16 +205,25 @@ def main():
         if fo:
             print(f"foreign CPU {fo['foreign_pct_of_core']:.1f} % of a core, steal {fo['steal_pct']:.1f} %")
         sys.exit(0 if is_disturbed(fo) else 1)
-    out = sys.argv[1]
+    global FOREIGN_MAX_PCT
+    args = sys.argv[1:]
+    with_retried = "--with-retried" in args
+    args = [a for a in args if a != "--with-retried"]
+    if len(args) == 3 and args[0] == "--foreign-max":
+        FOREIGN_MAX_PCT = float(args[1])
+        args = args[2:]
+    out = args[0]
     lines, summary = [], {}
-    for wl, rows, keys, title in [
-        ("starts", STARTS, ["starts/s", "server CPU µs/start"], "Stream starts (connect, subscribe, 200 head, close)"),
-        ("fanout", FANOUT, ["server CPU µs/delivery", "server core busy µs/delivery"], "Fan-out CPU, auth off vs on"),
+    for wl, rows, keys, paired, title in [
+        ("starts", STARTS, ["starts/s", "server CPU µs/start"], "server CPU µs/start",
+         "Stream starts (connect, subscribe, 200 head, close)"),
+        ("fanout", FANOUT, ["server CPU µs/delivery", "server core busy µs/delivery"],
+         "server CPU µs/delivery", "Fan-out CPU, auth off vs on"),
     ]:
-        runs, invalid, disturbed = load(out, wl)
+        runs, invalid, disturbed = load(out, wl, with_retried)
         if not runs and not invalid and not disturbed:
             continue
-        t, s = table(runs, rows, keys, title)
+        t, s = table(runs, rows, keys, paired, title)
         lines += t
         if invalid:
             lines += ["Left out (INVALID): " + ", ".join(invalid), ""]
@@ -204,6 +238,8 @@ def main():
             lines += ["Warnings in these runs: " + " / ".join(warn), ""]
         summary[wl] = s
     print("\n".join(lines))
+    if FOREIGN_MAX_PCT != 5.0 or with_retried:
+        return  # another view: summary.json stays the default one
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
