@@ -4,6 +4,7 @@
 //! The parent publishes and samples /proc; children only read sockets (see `child.rs`).
 
 pub mod child;
+pub mod h2;
 pub mod handshake;
 pub mod parent;
 pub mod proto;
