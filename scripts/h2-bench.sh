@@ -11,7 +11,7 @@
 #   scripts/h2-bench.sh [--conns 100] [--streams 100] [--rounds 3] [--rate 5]
 #                       [--duration 20] [--servers herald-h2,herald-h1-tls,nchan-h2]
 #                       [--backend epoll|uring] [--out DIR] [--herald PATH] [--no-netns]
-#                       [--quick]
+#                       [--quick] [--report-only]
 #
 # Each run starts a fresh server pinned to CPU0 with one worker, the load generator on
 # CPU1: herald-bench opens the subscribers (h2: --h2 --streams-per-conn M -n N; h1:
@@ -32,11 +32,13 @@
 # until no core was more than 15 % busy over 3 s. Every run is under `timeout`; the
 # script stops by itself. --quick: 20 connections × 50 streams, 1 round, 5 s.
 # Output (default bench/results/<date>-h2/): raw/<server>__r<k>.json, logs/, env.md,
-# results.md, summary.json (medians, min–max, ratios to herald-h2).
+# results.md, summary.json (medians, min–max over the VALID runs, ratios to herald-h2;
+# a server with no valid run is summarised over all and marked). --report-only --out DIR
+# rewrites results.md and summary.json from DIR/raw without running anything.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/bench-lib.sh"
-CONNS=100 STREAMS=100 ROUNDS=3 RATE=5 DUR=20 BACKEND=epoll NETNS=1 INSIDE=0 QUICK=0
+CONNS=100 STREAMS=100 ROUNDS=3 RATE=5 DUR=20 BACKEND=epoll NETNS=1 INSIDE=0 QUICK=0 REPORT_ONLY=0
 SERVERS=herald-h2,herald-h1-tls,nchan-h2 OUT= HERALD=$BIN/herald
 PORT=19443 PPORT=19080 IPORT=17070
 ARGS=("$@")
@@ -53,6 +55,7 @@ while [ $# -gt 0 ]; do
     --herald) HERALD=$2; shift ;;
     --no-netns) NETNS=0 ;;
     --quick) QUICK=1 ;;
+    --report-only) REPORT_ONLY=1 ;;
     --inside-netns) INSIDE=1 ;;   # internal
     -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -61,6 +64,7 @@ while [ $# -gt 0 ]; do
 done
 if [ "$QUICK" = 1 ]; then CONNS=20 STREAMS=50 ROUNDS=1 DUR=5; fi
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%d-%H%M)-h2$([ "$QUICK" = 1 ] && echo -quick)}
+if [ "$REPORT_ONLY" = 1 ]; then NETNS=0 ROUNDS=0; fi
 if [ "$NETNS" = 1 ] && [ "$INSIDE" = 0 ]; then
   # Install what is missing while the host's network is there (apt), then re-run inside.
   [[ $SERVERS == *nchan* ]] && { ensure_nchan || { echo "Nchan unavailable" >&2; exit 2; }; }
@@ -85,6 +89,7 @@ N2=$((CONNS * STREAMS))
 [ "$N2" -le 19000 ] || echo "warning: $N2 HTTP/1.1 connections exceed one process's 20,000 open files (herald epoll, nginx worker_connections 19900)" >&2
 EVENTS=$(python3 -c "print(max(1, round($RATE * $DUR)))")
 mkdir -p "$OUT/raw" "$OUT/logs"
+if [ "$REPORT_ONLY" = 0 ]; then
 TMPD=$(mktemp -d /tmp/herald-h2-bench.XXXXXX)
 SRV_PID= NGINX_PID=
 stop_srv() {
@@ -231,6 +236,7 @@ for r in $(seq "$ROUNDS"); do
     stop_srv
   done
 done
+fi
 
 python3 - "$OUT" <<'PY' | tee "$OUT/results.md"
 import glob, json, os, statistics, sys
@@ -239,6 +245,9 @@ runs = {}
 for f in sorted(glob.glob(os.path.join(out, "raw", "*.json"))):
     server = os.path.basename(f)[:-5].split("__")[0]
     runs.setdefault(server, []).append(json.load(open(f)))
+# INVALID runs (softnet drops, retransmits while measuring) are not quoted.
+all_runs = runs
+runs = {k: ([r for r in v if r.get("valid")] or v) for k, v in all_runs.items()}
 def get(r, path):
     for k in path.split("."):
         r = (r or {}).get(k)
@@ -255,7 +264,8 @@ FIG = [  # key, json path, label, format
 ]
 summary = {}
 for server, rs in runs.items():
-    s = {"runs": len(rs), "valid": sum(bool(r.get("valid")) for r in rs)}
+    s = {"runs": len(all_runs[server]), "valid": sum(bool(r.get("valid")) for r in all_runs[server])}
+    s["medians_over"] = "valid runs" if s["valid"] else "all runs (none valid)"
     for key, path, _, _ in FIG:
         v = [x for x in (get(r, path) for r in rs) if isinstance(x, (int, float))]
         s[key] = {"median": statistics.median(v), "min": min(v), "max": max(v)} if v else None
@@ -265,13 +275,13 @@ for server, rs in runs.items():
     s["loss"] = sum((get(r, "publish.missing") or 0) + (get(r, "publish.duplicates") or 0)
                     + (get(r, "publish.out_of_order") or 0) for r in rs)
     s["dropped"] = sum(sum((get(r, "publish.streams_dropped") or {}).values()) for r in rs)
-    s["warnings"] = sorted({w for r in rs for w in r.get("warnings", [])} |
-                           {w for r in rs for w in r.get("invalid_reasons", [])})
+    s["warnings"] = sorted({w for r in all_runs[server] for w in r.get("warnings", [])} |
+                           {"INVALID run: " + w for r in all_runs[server] for w in r.get("invalid_reasons", [])})
     summary[server] = s
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 servers = list(summary)
 print("## h2 vs HTTP/1.1 over TLS, herald vs Nginx + Nchan\n")
-print("Medians over the runs (min–max). Memory: server ΔRSS after connecting and 2 s of settling ÷ streams")
+print("Medians over the VALID runs (min–max). Memory: server ΔRSS after connecting and 2 s of settling ÷ streams")
 print("(÷ TCP connections for the per-connection row); CPU: server schedstat over the publish window ÷ deliveries.\n")
 print("| figure | " + " | ".join(servers) + " |")
 print("|---|" + "---|" * len(servers))
