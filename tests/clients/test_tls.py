@@ -202,9 +202,9 @@ def test_httpx_without_the_test_ca_refuses_the_certificate(th):
 
 def test_ssl_alpn_http11_tls13_and_tls12(th):
     ctx = th.tls_context()
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    ctx.set_alpn_protocols(["http/1.1"])
     with tls_connect(th.tls_port, "localhost", ctx) as s:
-        assert s.selected_alpn_protocol() == "http/1.1", "herald offers only http/1.1, never h2"
+        assert s.selected_alpn_protocol() == "http/1.1"
         assert s.version() == "TLSv1.3"
         status, headers, body = http_over(s, "/healthz")
         assert (status, body.strip()) == (200, b"ok"), (status, body)
@@ -218,14 +218,17 @@ def test_ssl_alpn_http11_tls13_and_tls12(th):
         assert status == 200 and body.strip() == b"ok"
 
 
-def test_ssl_alpn_h2_only_is_not_negotiated(th):
+def test_ssl_alpn_prefers_h2_and_refuses_unknown_protocols(th):
     ctx = th.tls_context()
-    ctx.set_alpn_protocols(["h2"])
-    try:
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with tls_connect(th.tls_port, "localhost", ctx) as s:
+        assert s.selected_alpn_protocol() == "h2", "herald offers h2 first"
+    ctx = th.tls_context()
+    ctx.set_alpn_protocols(["h3"])
+    with pytest.raises(ssl.SSLError) as ei:
         with tls_connect(th.tls_port, "localhost", ctx) as s:
-            assert s.selected_alpn_protocol() != "h2", "herald must not agree to h2"
-    except ssl.SSLError as e:
-        assert "NO_APPLICATION_PROTOCOL" in str(e) or "alert" in str(e).lower(), str(e)
+            pytest.fail(f"agreed to {s.selected_alpn_protocol()!r}")
+    assert "NO_APPLICATION_PROTOCOL" in str(ei.value) or "alert" in str(ei.value).lower(), str(ei.value)
 
 
 def test_ssl_tls11_and_lower_refused(th, pki):
