@@ -295,6 +295,29 @@ fn sessions_resume_with_tickets_on_tls_1_3_and_1_2() {
 }
 
 #[test]
+fn a_large_publish_body_over_tls_arrives_whatever_the_read_size() {
+    // epoll reads up to 64 KiB at once: more ciphertext in one read than a connection may
+    // hold unprocessed, which must be taken a record at a time, not refused.
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |c| c.max_event = 1 << 20) else {
+        return;
+    };
+    let cfg = pki.client().build();
+    for size in [40_000usize, 300_000] {
+        let mut t = connect(tls, "localhost", &cfg).expect("handshake");
+        let body = "b".repeat(size);
+        let req = format!(
+            "POST /publish/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n{body}"
+        );
+        t.write_all(req.as_bytes()).unwrap();
+        t.flush().unwrap();
+        let (status, _, _) = read_head(&mut t);
+        assert_eq!(status, 200, "a {size}-byte body");
+    }
+    assert_eq!(metric(s.addr, "herald_tls_protocol_errors_total"), 0);
+}
+
+#[test]
 fn hsts_is_sent_on_tls_responses_only() {
     let pki = Pki::new();
     let Some((s, tls)) = tls_server(&pki, |c| c.hsts = Some(Duration::from_secs(86400))) else {

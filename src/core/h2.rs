@@ -32,6 +32,8 @@ use crate::http::request::HttpError;
 const PLAN_BYTES: usize = 256 << 10;
 /// Most segments in one plan.
 const PLAN_SEGS: usize = 1024;
+/// A written plan keeps its buffer for the next write up to this many segments.
+const PLAN_KEEP: usize = 16;
 /// Control frames (ACKs, resets, window updates) queued while the client does not read.
 const CTRL_MAX: usize = 64 << 10;
 /// A header block (HEADERS + CONTINUATION) is at most this many frames.
@@ -1517,7 +1519,16 @@ impl<H: Default> Core<H> {
         }
         if let Some(h) = self.h2c_mut(p) {
             if h.plan_idx >= h.plan.len() {
-                h.plan.clear();
+                // A connection that went quiet keeps no plan: a burst's plan (tens of bytes
+                // per stream) would otherwise stay with it for good.
+                if h.plan.capacity() > PLAN_KEEP {
+                    h.plan = Vec::new();
+                } else {
+                    h.plan.clear();
+                }
+                if h.blocked.is_empty() && h.blocked.capacity() > 0 {
+                    h.blocked = Vec::new();
+                }
                 h.plan_idx = 0;
                 h.plan_off = 0;
             }

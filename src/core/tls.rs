@@ -277,8 +277,21 @@ impl<H: Default> Core<H> {
         }
     }
 
-    /// Ciphertext arrived on TLS connection `c`.
+    /// Ciphertext arrived on TLS connection `c`. A large read (epoll reads up to 64 KiB)
+    /// is processed a record's worth at a time, so what is held unprocessed stays under
+    /// [`INCOMING_MAX`] whatever the read size.
     pub(super) fn tls_read(&mut self, c: ConnId, data: &[u8]) -> super::ReadOutcome {
+        let mut outcome = super::ReadOutcome::Continue;
+        for chunk in data.chunks(RECORD_MAX) {
+            outcome = self.tls_read_some(c, chunk);
+            if outcome == super::ReadOutcome::Stop {
+                break;
+            }
+        }
+        outcome
+    }
+
+    fn tls_read_some(&mut self, c: ConnId, data: &[u8]) -> super::ReadOutcome {
         use super::ReadOutcome;
         let Some(mut t) = self.tls.get_mut(c as usize).and_then(Option::take) else {
             return ReadOutcome::Stop;
