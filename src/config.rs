@@ -72,6 +72,10 @@ pub struct Settings {
     /// [default: 1024]
     #[arg(long)]
     pub tls_max_handshakes: Option<usize>,
+    /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS); more are
+    /// refused with RST_STREAM [default: 128]
+    #[arg(long)]
+    pub h2_max_streams: Option<u32>,
     /// Kernel TLS: "auto" uses it when the kernel's probe passes, "off" never [default: auto]
     #[arg(long, value_enum)]
     pub ktls: Option<KtlsChoice>,
@@ -230,6 +234,7 @@ pub struct Config {
     /// Certificate/key pairs, the first the default.
     pub tls_certs: Vec<crate::tls::CertPair>,
     pub tls_max_handshakes: usize,
+    pub h2_max_streams: u32,
     pub ktls: KtlsChoice,
     pub hsts: Option<Duration>,
     pub ingest: Option<SocketAddr>,
@@ -367,6 +372,7 @@ impl Config {
             tls_listen: addr_or_off("tls-listen", s.tls_listen.as_deref(), None)?,
             tls_certs: cert_pairs(s.tls_cert, s.tls_key)?,
             tls_max_handshakes: s.tls_max_handshakes.unwrap_or(1024),
+            h2_max_streams: s.h2_max_streams.unwrap_or(128),
             ktls: s.ktls.unwrap_or(KtlsChoice::Auto),
             hsts: Some(duration("hsts", s.hsts.as_deref(), "0s")?).filter(|d| !d.is_zero()),
             ingest,
@@ -442,6 +448,9 @@ impl Config {
         if cfg.ingest_unix_mode.is_some() && cfg.ingest_unix.is_none() {
             return Err(value("ingest-unix-mode", "needs --ingest-unix"));
         }
+        if cfg.h2_max_streams == 0 {
+            return Err(value("h2-max-streams", "must be at least 1"));
+        }
         if cfg.tls_max_handshakes == 0 {
             return Err(value("tls-max-handshakes", "must be at least 1"));
         }
@@ -482,6 +491,7 @@ impl Settings {
             tls_cert,
             tls_key,
             tls_max_handshakes,
+            h2_max_streams,
             ktls,
             hsts,
             ingest,

@@ -96,6 +96,27 @@ counters! {
     tls_unknown_name: "counter", "TLS handshakes refused: the SNI name matches no certificate (alert sent)";
     tls_decrypt_errors: "counter", "TLS connections ended for a record that failed to decrypt (alert sent)";
     tls_other_errors: "counter", "TLS connections ended for any other TLS error";
+    h2_connections: "counter", "HTTP/2 connections (ALPN h2 on the TLS listener, or prior knowledge on --listen)";
+    h2_streams: "counter", "HTTP/2 streams opened by clients (each carries one request)";
+    h2_streams_open: "gauge", "HTTP/2 streams currently open";
+    h2_streams_refused: "counter", "HTTP/2 streams refused with RST_STREAM REFUSED_STREAM: over --h2-max-streams, or after GOAWAY";
+    h2_resets_received: "counter", "RST_STREAM frames received from clients";
+    h2_resets_sent: "counter", "RST_STREAM frames sent (a stream ended early: client gone, slow, or a stream error)";
+    h2_stream_errors: "counter", "HTTP/2 stream errors: a malformed request, a frame on a closed or half-closed stream, a bad WINDOW_UPDATE (RST_STREAM sent)";
+    h2_slow_streams: "counter", "HTTP/2 streams reset because their flow-control window stayed shut past --write-timeout or their backlog passed --max-backlog";
+    h2_goaway_sent: "counter", "GOAWAY frames sent (each also counted by reason below)";
+    h2_goaway_protocol: "counter", "GOAWAY PROTOCOL_ERROR / STREAM_CLOSED: bad preface, stream-id misuse, frames out of place, PUSH_PROMISE";
+    h2_goaway_frame_size: "counter", "GOAWAY FRAME_SIZE_ERROR: a frame larger than 16384 bytes or of the wrong length";
+    h2_goaway_flow_control: "counter", "GOAWAY FLOW_CONTROL_ERROR: a window overflow, or more DATA than the window allowed";
+    h2_goaway_compression: "counter", "GOAWAY COMPRESSION_ERROR: a header block HPACK cannot decode";
+    h2_goaway_calm: "counter", "GOAWAY ENHANCE_YOUR_CALM: a flood (each kind below), or a connection window shut past --write-timeout";
+    h2_goaway_shutdown: "counter", "GOAWAY NO_ERROR: drain, or an idle connection without streams past --head-timeout";
+    h2_flood_reset: "counter", "Floods: streams reset by the client faster than allowed (Rapid Reset, CVE-2023-44487), or refused streams";
+    h2_flood_control: "counter", "Floods: SETTINGS, PING, tiny WINDOW_UPDATE or empty DATA frames faster than allowed";
+    h2_flood_continuation: "counter", "Floods: a header block over its byte or CONTINUATION-frame bound (CVE-2024-27316 and kin)";
+    h2_flood_hpack: "counter", "Floods: a header block that decodes past 4x --max-head (an HPACK bomb)";
+    h2_flood_made_you_reset: "counter", "Floods: stream errors provoked faster than allowed (MadeYouReset, CVE-2025-8671)";
+    h2_flood_output: "counter", "Floods: control-frame answers (PING and SETTINGS ACKs, resets) piling up unread";
 }
 
 /// The ingest thread's counters, bumped once per connection or refused line (never per

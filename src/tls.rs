@@ -16,7 +16,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
 /// ALPN protocols offered, most preferred first.
-pub const ALPN: &[&[u8]] = &[b"http/1.1"];
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// One certificate chain and its key, as configured (`--tls-cert`, `--tls-key`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -132,7 +132,7 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl<H> Core<H> {
+impl<H: Default> Core<H> {
     pub(super) fn info_mut(&mut self, c: ConnId) -> Option<&mut ConnInfo> {
         self.info.get_mut(c as usize)?.as_deref_mut()
     }
@@ -153,6 +153,11 @@ impl<H> Core<H> {
         if self.shared.access_log.is_some() {
             self.info_or_insert(c).log().peer = peer;
         }
+    }
+
+    /// The peer address remembered for `c` (with the access log on).
+    pub(super) fn info_peer(&self, c: ConnId) -> Option<IpAddr> {
+        self.info.get(c as usize)?.as_ref()?.log.as_ref()?.peer
     }
 
     /// The first reason a connection is ending wins.
@@ -541,15 +546,13 @@ impl<H> Core<H> {
             info.and_then(|i| i.log.as_ref()?.peer)
                 .map_or(Value::Null, |p| p.to_string().into()),
         );
-        let http10 = conn.is_some_and(|cn| cn.has(flag::HTTP10));
-        m.insert(
-            "proto".into(),
-            if http10 { "HTTP/1.0" } else { "HTTP/1.1" }.into(),
-        );
-        m.insert(
-            "tls".into(),
-            conn.is_some_and(|cn| cn.has(flag::TLS)).into(),
-        );
+        let proto = match conn {
+            Some(cn) if cn.has(flag::H2S | flag::H2) => "HTTP/2",
+            Some(cn) if cn.has(flag::HTTP10) => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        m.insert("proto".into(), proto.into());
+        m.insert("tls".into(), self.is_tls(c).into());
         m
     }
 

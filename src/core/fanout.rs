@@ -186,7 +186,7 @@ impl LocalTopic {
     }
 }
 
-impl<H> Core<H> {
+impl<H: Default> Core<H> {
     // ---- fan-out ------------------------------------------------------------------
 
     /// Take everything the hub queued for this worker.
@@ -255,6 +255,9 @@ impl<H> Core<H> {
                 conn.phase = Phase::Closing;
                 self.closing.push(sref.conn);
                 self.counters.slow_consumer_disconnects += 1;
+                if conn.has(flag::H2S) {
+                    self.counters.h2_slow_streams += 1;
+                }
                 if let Some(Some(i)) = self.info.get_mut(sref.conn as usize) {
                     i.slow();
                 }

@@ -12,7 +12,7 @@ use crate::http::request::{parse_head, HttpError, Parsed, Request, Route};
 use crate::http::response;
 use crate::sse::event::{Publish, PublishError};
 
-impl<H> Core<H> {
+impl<H: Default> Core<H> {
     // ---- read ---------------------------------------------------------------------
 
     /// Bytes arrived on connection `c` (ciphertext on a TLS connection).
@@ -31,8 +31,11 @@ impl<H> Core<H> {
         };
         match conn.phase {
             Phase::Closing => return ReadOutcome::Stop,
+            Phase::H2 => return self.h2_read(c, data),
             // A subscriber has nothing more to say; whatever it sends is dropped.
             Phase::Stream | Phase::Drain => return ReadOutcome::Continue,
+            // An h2 stream carries one request.
+            Phase::Respond if conn.has(flag::H2S) => return ReadOutcome::Continue,
             Phase::Respond => {
                 // Pipelined request: keep it (bounded) until the response is written.
                 let rb = conn.rbuf.get_or_insert_with(Box::default);
@@ -45,6 +48,14 @@ impl<H> Core<H> {
             }
             Phase::Head | Phase::Body => {}
         }
+        if conn.phase == Phase::Head && !conn.has(flag::H2S) {
+            if let Some(outcome) = self.h2_detect(c, data) {
+                return outcome;
+            }
+        }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return ReadOutcome::Stop;
+        };
         match conn.rbuf.as_mut() {
             Some(rb) => rb.buf.extend_from_slice(data),
             None if conn.phase == Phase::Head => {
@@ -129,7 +140,12 @@ impl<H> Core<H> {
                 }
                 ReadOutcome::Continue
             }
-            Step::Request(req, rest) => {
+            Step::Request(mut req, rest) => {
+                if conn.has(flag::H2S) {
+                    // The body of an h2 stream is its DATA frames: no chunk framing.
+                    req.http10 = true;
+                    req.keep_alive = false;
+                }
                 conn.rbuf = (!rest.is_empty()).then(|| {
                     Box::new(ReadBuf {
                         buf: rest,
@@ -350,14 +366,19 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
         };
-        let bytes = with_hsts(bytes, conn.has(flag::TLS), &self.shared);
         conn.phase = Phase::Respond;
         if keep {
             conn.flags |= flag::KEEP_ALIVE;
         } else {
             conn.flags &= !flag::KEEP_ALIVE;
         }
-        conn.pre.push_back(Bytes::from(bytes));
+        let h2 = conn.has(flag::H2S);
+        let bytes = with_hsts(bytes, self.is_tls(c), &self.shared);
+        if h2 {
+            self.h2_response(c, bytes);
+        } else if let Some(conn) = self.conns.get_mut(c as usize) {
+            conn.pre.push_back(Bytes::from(bytes));
+        }
         self.wheel.insert(c, self.now_tick + write_ticks);
         self.mark_ready(c);
     }
@@ -425,8 +446,16 @@ impl<H> Core<H> {
             conn.flags |= flag::HTTP10;
         }
         conn.rbuf = None;
-        let head = with_hsts(head, conn.has(flag::TLS), &self.shared);
-        conn.pre.push_back(Bytes::from(head));
+        let h2 = conn.has(flag::H2S);
+        let head = with_hsts(head, self.is_tls(c), &self.shared);
+        if h2 {
+            self.h2_response(c, head);
+        } else if let Some(conn) = self.conns.get_mut(c as usize) {
+            conn.pre.push_back(Bytes::from(head));
+        }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
         if let Some(gap) = &attach.gap {
             conn.pre.push_back(piece(gap, http10));
         }

@@ -37,6 +37,7 @@ use crate::timer::wheel::Wheel;
 
 mod auth;
 mod fanout;
+mod h2;
 #[cfg(test)]
 mod harness;
 mod http;
@@ -151,6 +152,8 @@ enum Phase {
     Drain,
     /// Handed to the backend to close; ignored until `release`.
     Closing,
+    /// An HTTP/2 connection: its requests are its streams (see `h2`).
+    H2,
 }
 
 mod flag {
@@ -178,6 +181,10 @@ mod flag {
     pub const TLS: u16 = 1024;
     /// TLS failed (an alert or the plain-HTTP answer is queued): close once written.
     pub const TLS_CLOSE: u16 = 2048;
+    /// An HTTP/2 stream: a child of an `H2` connection, which writes for it.
+    pub const H2S: u16 = 4096;
+    /// An HTTP/2 connection: its state is in `Core::h2`.
+    pub const H2: u16 = 8192;
 }
 
 /// One subscription of a connection: a cursor into a local topic log.
@@ -363,9 +370,12 @@ pub struct Core<H> {
     by_jti: std::collections::HashMap<Arc<str>, Vec<ConnId>>,
     /// Access-log lines of this loop turn.
     log: crate::access_log::LineBuf,
+    /// HTTP/2 connection and stream state by connection id (empty until the first h2
+    /// connection).
+    h2: Vec<Option<h2::H2Side>>,
 }
 
-impl<H> Core<H> {
+impl<H: Default> Core<H> {
     /// A core whose clock starts at `now`.
     pub fn new(id: usize, shared: Arc<Shared>, now: Instant) -> Core<H> {
         let cfg = &shared.config;
@@ -405,6 +415,7 @@ impl<H> Core<H> {
             by_sub: std::collections::HashMap::new(),
             by_jti: std::collections::HashMap::new(),
             log: Default::default(),
+            h2: Vec::new(),
             shared,
         }
     }
@@ -610,11 +621,18 @@ impl<H> Core<H> {
     pub fn take_closing(&mut self, out: &mut Vec<ConnId>) {
         out.clear();
         std::mem::swap(out, &mut self.closing);
+        if !self.h2.is_empty() {
+            // Streams end here; only connections go to the backend.
+            self.h2_take_closing(out);
+        }
     }
 
     /// The backend has closed `c` and no operation on it is in flight: forget it.
     pub fn release(&mut self, c: ConnId) -> Option<H> {
-        self.conns.get(c as usize)?;
+        let conn = self.conns.get(c as usize)?;
+        if conn.has(flag::H2) {
+            self.h2_release_conn(c);
+        }
         self.info_released(c);
         self.detach(c);
         self.drop_tls(c);

@@ -14,7 +14,7 @@ const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// The drain's `retry:` hint when neither the stream's topics nor `--retry` set one.
 const DEFAULT_RETRY_MS: u32 = 1000;
 
-impl<H> Core<H> {
+impl<H: Default> Core<H> {
     // ---- shutdown -----------------------------------------------------------------
 
     /// Stop: every stream is flushed, then gets a `retry:` hint and its last chunk; the
@@ -37,6 +37,8 @@ impl<H> Core<H> {
                 }
                 Phase::Head | Phase::Body => self.close(c),
                 Phase::Respond => self.conns[c as usize].flags &= !flag::KEEP_ALIVE,
+                // GOAWAY now; its streams drain like any other, then it closes.
+                Phase::H2 => self.h2_drain(c),
                 Phase::Drain | Phase::Closing => {}
             }
         }
@@ -176,9 +178,15 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
         };
-        let stalled =
-            conn.has(flag::WRITING) && (now as u32).wrapping_sub(conn.progress) as u64 >= stall;
+        let waited = (now as u32).wrapping_sub(conn.progress) as u64 >= stall;
+        // An h2 stream's write waits on flow-control windows as much as on its socket.
+        let h2s = conn.has(flag::H2S);
+        let stalled = waited && (conn.has(flag::WRITING) || (h2s && pending));
         match conn.phase {
+            Phase::H2 => self.h2_conn_timer(c, stalled),
+            Phase::Stream | Phase::Drain if stalled && h2s && !conn.has(flag::FINAL) => {
+                self.h2_stream_stalled(c)
+            }
             Phase::Head | Phase::Body => {
                 self.counters.head_timeouts += 1;
                 if self.tls_handshaking(c) {

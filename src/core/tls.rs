@@ -182,7 +182,7 @@ const PLAIN_HTTP_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
     Connection: close\r\n\r\n\
     This port speaks TLS: use https:// to reach it here.\n";
 
-impl<H> Core<H> {
+impl<H: Default> Core<H> {
     /// A connection accepted on the TLS listener. Returns false when the worker already
     /// has `--tls-max-handshakes` in progress (the connection is then closed at once).
     pub(super) fn start_tls(&mut self, c: ConnId) -> bool {
@@ -351,10 +351,12 @@ impl<H> Core<H> {
         if t.incoming.is_empty() {
             t.incoming = Vec::new();
         }
+        let mut h2 = false;
         if t.handshaking && !t.conn.is_handshaking() {
             t.handshaking = false;
             self.tls_handshaking -= 1;
             self.counters.tls_handshakes += 1;
+            h2 = t.conn.alpn_protocol() == Some(b"h2");
         }
         if let Some(e) = failure {
             self.count_tls_failure(classify(&e));
@@ -382,6 +384,9 @@ impl<H> Core<H> {
         self.put_tls(c, t);
         if has_extra {
             self.mark_ready(c);
+        }
+        if h2 {
+            self.h2_start(c);
         }
         let mut outcome = ReadOutcome::Continue;
         if !plain.is_empty() {

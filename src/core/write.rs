@@ -13,7 +13,7 @@ pub const MAX_IOVECS: usize = 64;
 /// Most bytes in one write.
 const MAX_WRITE_BYTES: usize = 256 << 10;
 
-impl<H> Core<H> {
+impl<H: Default> Core<H> {
     /// Connections that need a write, in the order they became ready.
     pub fn take_ready(&mut self, out: &mut Vec<ConnId>) {
         out.clear();
@@ -42,9 +42,16 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return false;
         };
+        if conn.has(flag::H2S) {
+            // An h2 stream is written by its connection.
+            return self.h2_stream_ready(c);
+        }
         conn.flags &= !flag::READY;
         if conn.phase == Phase::Closing || conn.has(flag::WRITING) {
             return false;
+        }
+        if conn.has(flag::H2) {
+            self.h2_build(c);
         }
         self.feed_replay(c);
         if !self.has_pending(c) {
@@ -63,6 +70,7 @@ impl<H> Core<H> {
         conn.flags |= flag::WRITING;
         conn.progress = now as u32;
         let stream = conn.phase == Phase::Stream
+            || conn.phase == Phase::H2
             || (conn.phase == Phase::Drain && conn.has(flag::DRAIN_DUE));
         if stream && self.wheel.deadline(c).is_none_or(|d| d > now + stall) {
             // The stall check must not wait for a later keep-alive timer.
@@ -102,6 +110,9 @@ impl<H> Core<H> {
         let Some(conn) = self.conns.get(c as usize) else {
             return;
         };
+        if conn.has(flag::H2) {
+            return self.h2_walk(c, &mut f);
+        }
         let mut skip = conn.off as usize;
         let mut push = |s: &'a [u8]| -> bool {
             let s = &s[skip.min(s.len())..];
@@ -143,6 +154,14 @@ impl<H> Core<H> {
     /// Whether frames are pending for `c` (before any encryption).
     pub(super) fn has_plain_pending(&self, c: ConnId) -> bool {
         self.conns.get(c as usize).is_some_and(|conn| {
+            if conn.has(flag::H2 | flag::H2S) {
+                if conn.has(flag::H2) {
+                    return self.h2_plain_pending(c);
+                }
+                if self.h2_head_pending(c) {
+                    return true;
+                }
+            }
             !conn.pre.is_empty()
                 || conn.replay.is_some()
                 || conn
@@ -188,11 +207,14 @@ impl<H> Core<H> {
 
     /// Advance `c` past `n` written bytes: pre frames first, then live frames, in the
     /// order `fill` produced them.
-    fn consume(&mut self, c: ConnId, n: usize) {
+    pub(super) fn consume(&mut self, c: ConnId, n: usize) {
         let now = self.now_tick as u32;
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
         };
+        if conn.has(flag::H2) {
+            return self.h2_consume(c, n);
+        }
         conn.progress = now;
         let mut left = n + conn.off as usize;
         conn.off = 0;
@@ -231,7 +253,7 @@ impl<H> Core<H> {
     }
 
     /// A write operation finished: start the next one, or move on.
-    fn after_write(&mut self, c: ConnId) {
+    pub(super) fn after_write(&mut self, c: ConnId) {
         if self.has_pending(c) {
             self.mark_ready(c);
         } else {
@@ -249,6 +271,14 @@ impl<H> Core<H> {
         };
         if conn.has(flag::TLS_CLOSE) {
             return self.close(c);
+        }
+        if conn.has(flag::H2S) {
+            return match conn.phase {
+                Phase::Respond => self.h2_stream_done(c),
+                Phase::Drain if conn.has(flag::FINAL) => self.h2_stream_done(c),
+                Phase::Drain if conn.has(flag::DRAIN_DUE) => self.finish_drain(c),
+                _ => {}
+            };
         }
         match conn.phase {
             Phase::Respond if conn.has(flag::KEEP_ALIVE) && !draining => {

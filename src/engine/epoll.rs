@@ -42,7 +42,7 @@ fn token(c: ConnId, gen: u32) -> Token {
 }
 
 struct Loop {
-    core: Core<TcpStream>,
+    core: Core<Option<TcpStream>>,
     poll: Poll,
     buf: Vec<u8>,
     /// Connections whose read budget ran out: edge-triggered epoll will not report them
@@ -209,17 +209,16 @@ impl Loop {
             match l.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let c = self.core.handle_accept(stream, Some(peer.ip()), tls);
+                    let c = self.core.handle_accept(Some(stream), Some(peer.ip()), tls);
                     let Some(conn) = self.core.conn_mut(c) else {
                         continue;
                     };
                     let tok = token(c, conn.gen);
                     let interest = Interest::READABLE | Interest::WRITABLE;
-                    if let Err(e) = self
-                        .poll
-                        .registry()
-                        .register(&mut conn.handle, tok, interest)
-                    {
+                    let Some(stream) = conn.handle.as_mut() else {
+                        continue;
+                    };
+                    if let Err(e) = self.poll.registry().register(stream, tok, interest) {
                         tracing::warn!(error = %e, "epoll registration failed");
                         self.core.close(c);
                         continue;
@@ -244,7 +243,11 @@ impl Loop {
             let Some(conn) = self.core.conn(c) else {
                 return;
             };
-            match (&conn.handle).read(&mut self.buf) {
+            // Only h2 streams have no socket, and the core never reports them here.
+            let Some(mut stream) = conn.handle.as_ref() else {
+                return;
+            };
+            match stream.read(&mut self.buf) {
                 Ok(0) => return self.core.handle_eof(c),
                 Ok(n) => {
                     if self.core.handle_read(c, &self.buf[..n]) == ReadOutcome::Stop {
@@ -270,7 +273,10 @@ impl Loop {
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
                 let (n, _) = self.core.fill(c, &mut iov);
                 match self.core.conn(c) {
-                    Some(conn) => (&conn.handle).write_vectored(&iov[..n]),
+                    Some(conn) => match conn.handle.as_ref() {
+                        Some(mut s) => s.write_vectored(&iov[..n]),
+                        None => Err(io::ErrorKind::NotConnected.into()),
+                    },
                     None => Err(io::ErrorKind::NotConnected.into()),
                 }
             };

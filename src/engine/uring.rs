@@ -77,7 +77,8 @@ fn split(ud: u64) -> (u8, u32, u32) {
     ((ud >> 56) as u8, ((ud >> 32) & 0xff_ffff) as u32, ud as u32)
 }
 
-/// The uring side of a connection.
+/// The uring side of a connection (an h2 stream has the default one: no socket).
+#[derive(Default)]
 pub struct UConn {
     /// The shard (ring) whose fixed-file table holds it.
     shard: u16,
