@@ -39,8 +39,11 @@ const CONTINUATION_FRAMES: u32 = 32;
 /// The abuse bucket: points it holds before GOAWAY, and points it leaks per tick
 /// (1 per 10 ms: 100 per second).
 const ABUSE_MAX: u32 = 400;
-/// A WINDOW_UPDATE smaller than this counts toward the abuse bucket.
-const TINY_WINDOW_UPDATE: u32 = 1024;
+/// WINDOW_UPDATEs a client may send before any DATA; each DATA frame herald sends allows
+/// two more (one for the stream, one for the connection), up to a bound. Past its credit
+/// a WINDOW_UPDATE counts toward the abuse bucket.
+const WU_CREDIT_START: u32 = 64;
+const WU_CREDIT_MAX: u32 = 4096;
 /// The connection window is topped up once this much of it has been used.
 const RECV_WINDOW_REFILL: i64 = 32 << 10;
 
@@ -60,6 +63,9 @@ mod st {
     pub const BLOCKED: u8 = 32;
     /// Request DATA is not wanted (the response went out early): dropped, windows kept.
     pub const DISCARD: u8 = 64;
+    /// Closed, waiting for `take_closing`: frames for it are those of a closed stream,
+    /// and it no longer counts against the concurrency limit.
+    pub const GONE: u8 = 128;
 }
 
 /// What kind of abuse filled the bucket (each counted).
@@ -124,6 +130,9 @@ pub(super) struct H2Conn {
     /// Closed children whose frames are still in the plan (released once written).
     zombies: Vec<ConnId>,
     last_sid: u32,
+    /// The last streams that closed (HEADERS on one is STREAM_CLOSED; on an id never
+    /// opened, PROTOCOL_ERROR).
+    recent: [u32; 8],
     /// Control frames queued for the next plan.
     ctrl: Vec<u8>,
     plan: Vec<Seg>,
@@ -140,6 +149,8 @@ pub(super) struct H2Conn {
     dead: bool,
     abuse: u32,
     abuse_tick: u64,
+    /// WINDOW_UPDATEs still expected (see `WU_CREDIT_START`).
+    wu_credit: u32,
     /// Tick since which the connection has had no stream.
     idle_since: u64,
     /// Request body bytes buffered across streams.
@@ -273,6 +284,7 @@ impl<H: Default> Core<H> {
             streams: Vec::new(),
             zombies: Vec::new(),
             last_sid: 0,
+            recent: [0; 8],
             ctrl,
             plan: Vec::new(),
             plan_idx: 0,
@@ -285,6 +297,7 @@ impl<H: Default> Core<H> {
             dead: false,
             abuse: 0,
             abuse_tick: self.now_tick,
+            wu_credit: WU_CREDIT_START,
             idle_since: self.now_tick,
             body_bytes: 0,
         };
@@ -457,7 +470,27 @@ impl<H: Default> Core<H> {
 
     fn h2_child(&self, p: ConnId, sid: u32) -> Option<ConnId> {
         let h = self.h2c(p)?;
-        h.streams.iter().find(|(s, _)| *s == sid).map(|&(_, c)| c)
+        let c = h.streams.iter().find(|(s, _)| *s == sid).map(|&(_, c)| c)?;
+        self.h2s(c)
+            .is_some_and(|s| s.st & st::GONE == 0)
+            .then_some(c)
+    }
+
+    /// `close` of stream `c`: from now on it is a closed stream.
+    pub(super) fn h2_gone(&mut self, c: ConnId) {
+        if let Some(s) = self.h2s_mut(c) {
+            s.st |= st::GONE;
+        }
+    }
+
+    /// Streams of `p` open and not closing.
+    fn h2_live_streams(&self, p: ConnId) -> usize {
+        self.h2c(p).map_or(0, |h| {
+            h.streams
+                .iter()
+                .filter(|&&(_, c)| self.h2s(c).is_some_and(|s| s.st & st::GONE == 0))
+                .count()
+        })
     }
 
     fn h2_settings(&mut self, p: ConnId, f: Head, payload: &[u8]) -> Result<(), Code> {
@@ -528,10 +561,13 @@ impl<H: Default> Core<H> {
         }
         let inc =
             u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
-        if inc < TINY_WINDOW_UPDATE {
+        let h = self.h2c_mut(p).ok_or(Code::Internal)?;
+        if h.wu_credit == 0 {
+            // More window updates than the data sent could explain.
             self.h2_abuse(p, Flood::Control)?;
         }
         let h = self.h2c_mut(p).ok_or(Code::Internal)?;
+        h.wu_credit = h.wu_credit.saturating_sub(1);
         if f.sid == 0 {
             if inc == 0 {
                 return Err(Code::Protocol);
@@ -587,19 +623,24 @@ impl<H: Default> Core<H> {
             return Err(Code::Protocol);
         }
         let frag = wire::unpad(&f, payload).ok_or(Code::Protocol)?;
-        let h = self.h2c_mut(p).ok_or(Code::Internal)?;
-        if f.sid <= h.last_sid {
+        let last = self.h2c(p).ok_or(Code::Internal)?.last_sid;
+        if f.sid <= last {
             // Trailers on an open stream, or a stream that is closed.
-            let open = h.streams.iter().any(|(s, _)| *s == f.sid);
-            if !open {
-                return Err(Code::StreamClosed);
+            if self.h2_child(p, f.sid).is_none() {
+                let h = self.h2c(p).ok_or(Code::Internal)?;
+                let known = h.recent.contains(&f.sid) || h.streams.iter().any(|(s, _)| *s == f.sid);
+                return Err(if known {
+                    Code::StreamClosed
+                } else {
+                    Code::Protocol
+                });
             }
             if !f.has(fl::END_STREAM) {
                 return Err(Code::Protocol);
             }
-        } else {
-            h.last_sid = f.sid;
         }
+        let h = self.h2c_mut(p).ok_or(Code::Internal)?;
+        h.last_sid = h.last_sid.max(f.sid);
         if !f.has(fl::END_HEADERS) {
             h.partial = Some(Box::new(Partial {
                 sid: f.sid,
@@ -638,8 +679,9 @@ impl<H: Default> Core<H> {
             return self.h2_body(p, sid, child, &[], true);
         }
         let max_streams = self.shared.config.h2_max_streams as usize;
+        let live = self.h2_live_streams(p);
         let h = self.h2c_mut(p).ok_or(Code::Internal)?;
-        if h.goaway_sent || h.streams.len() >= max_streams {
+        if h.goaway_sent || live >= max_streams {
             wire::rst_stream(&mut h.ctrl, sid, Code::RefusedStream);
             self.counters.h2_streams_refused += 1;
             self.counters.h2_resets_sent += 1;
@@ -1073,6 +1115,8 @@ impl<H: Default> Core<H> {
             }
             h.streams.retain(|&(_, x)| x != c);
             h.blocked.retain(|&x| x != c);
+            h.recent.rotate_right(1);
+            h.recent[0] = sid;
             if in_plan > 0 {
                 h.zombies.push(c);
             }
@@ -1321,6 +1365,7 @@ impl<H: Default> Core<H> {
                     frames += 1;
                 }
                 let sent = n - left;
+                h.wu_credit = (h.wu_credit + 2 * frames as u32).min(WU_CREDIT_MAX);
                 h.send_window -= sent as i64;
                 budget -= sent;
                 let s = self.h2s_mut(c).expect("checked above");

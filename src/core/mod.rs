@@ -472,7 +472,9 @@ impl<H: Default> Core<H> {
 
     /// Publish this worker's counters for /metrics.
     pub fn publish_stats(&mut self) {
-        self.counters.connections_open = self.conns.len() as u64;
+        // h2 streams live in the slab too, but they are not connections.
+        self.counters.connections_open =
+            (self.conns.len() as u64).saturating_sub(self.counters.h2_streams_open);
         self.counters.tls_handshakes_in_progress = self.tls_handshaking as u64;
         self.counters.tls_buffer_bytes = self.tls_held as u64;
         self.counters.loop_turns += 1;
@@ -612,7 +614,11 @@ impl<H: Default> Core<H> {
         if let Some(conn) = self.conns.get_mut(c as usize) {
             if conn.phase != Phase::Closing {
                 conn.phase = Phase::Closing;
+                let h2s = conn.has(flag::H2S);
                 self.closing.push(c);
+                if h2s {
+                    self.h2_gone(c);
+                }
             }
         }
     }
