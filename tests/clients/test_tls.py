@@ -200,11 +200,18 @@ def test_httpx_without_the_test_ca_refuses_the_certificate(th):
 
 # ---------------------------------------------------------------- ssl module, raw sockets
 
-def test_ssl_alpn_http11_tls13_and_tls12(th):
+def test_ssl_alpn_h2_preferred_http11_still_served_tls13_and_tls12(th):
+    # A client offering both: herald picks h2 (HTTP/2 over TLS; test_h2.py speaks it).
     ctx = th.tls_context()
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     with tls_connect(th.tls_port, "localhost", ctx) as s:
-        assert s.selected_alpn_protocol() == "http/1.1", "herald offers only http/1.1, never h2"
+        assert s.selected_alpn_protocol() == "h2", "herald prefers h2 when the client offers it"
+        assert s.version() == "TLSv1.3"
+    # A client offering only http/1.1 gets HTTP/1.1.
+    ctx11 = th.tls_context()
+    ctx11.set_alpn_protocols(["http/1.1"])
+    with tls_connect(th.tls_port, "localhost", ctx11) as s:
+        assert s.selected_alpn_protocol() == "http/1.1"
         assert s.version() == "TLSv1.3"
         status, headers, body = http_over(s, "/healthz")
         assert (status, body.strip()) == (200, b"ok"), (status, body)
@@ -216,16 +223,23 @@ def test_ssl_alpn_http11_tls13_and_tls12(th):
         assert s.selected_alpn_protocol() == "http/1.1"
         status, _, body = http_over(s, "/healthz")
         assert status == 200 and body.strip() == b"ok"
+    ctx12h2 = th.tls_context()
+    ctx12h2.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx12h2.set_alpn_protocols(["h2", "http/1.1"])
+    with tls_connect(th.tls_port, "localhost", ctx12h2) as s:
+        assert (s.version(), s.selected_alpn_protocol()) == ("TLSv1.2", "h2"), "h2 over TLS 1.2 too"
 
 
-def test_ssl_alpn_h2_only_is_not_negotiated(th):
+def test_ssl_alpn_h2_only_is_negotiated(th):
     ctx = th.tls_context()
     ctx.set_alpn_protocols(["h2"])
-    try:
-        with tls_connect(th.tls_port, "localhost", ctx) as s:
-            assert s.selected_alpn_protocol() != "h2", "herald must not agree to h2"
-    except ssl.SSLError as e:
-        assert "NO_APPLICATION_PROTOCOL" in str(e) or "alert" in str(e).lower(), str(e)
+    with tls_connect(th.tls_port, "localhost", ctx) as s:
+        assert s.selected_alpn_protocol() == "h2", "a client offering only h2 gets h2"
+        # The server's connection preface (a SETTINGS frame) comes first, unasked.
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        s.settimeout(5)
+        head = s.recv(9)
+        assert len(head) == 9 and head[3] == 0x4 and head[5:9] == b"\0\0\0\0", f"SETTINGS on stream 0: {head!r}"
 
 
 def test_ssl_tls11_and_lower_refused(th, pki):
@@ -415,7 +429,7 @@ def test_curl_healthz_with_cacert(th, pki):
     assert r.returncode == 0, r.stderr
     body, _, info = r.stdout.rpartition("\n")
     assert body.strip() == "ok"
-    assert info == "1.1 0 200", f"HTTP/1.1 (curl offers h2 too), verified, 200: {info!r}"
+    assert info == "2 0 200", f"HTTP/2 (curl offers h2 and http/1.1: herald picks h2), verified, 200: {info!r}"
     # By name, with SNI: both certificates verify for their own name.
     for name in ("localhost", "other.test"):
         r = curl("--cacert", str(pki.ca), "--resolve", f"{name}:{th.tls_port}:127.0.0.1",
