@@ -383,6 +383,44 @@ def test_nghttp_100_streams_on_one_connection(hh, mode, topic):
         ng.stop()
 
 
+NG_END = re.compile(rb"\[\s*[\d.]+\] recv (?:DATA|HEADERS) frame <[^>]*flags=(0x[0-9a-f]+), stream_id=(\d+)>")
+NG_RST = re.compile(rb"recv RST_STREAM frame <[^>]*stream_id=(\d+)>\n\s+\(error_code=(\w+)")
+
+
+@pytest.mark.parametrize("mode", ["h2c", "tls"])
+def test_nghttp_streams_end_cleanly_on_sigterm(pki, mode):
+    """SIGTERM drains h2 streams like HTTP/1.1 ones: after what was published, each stream of one
+    connection gets a retry: hint no shorter than --retry, then ends with END_STREAM (not
+    RST_STREAM), and nghttp finishes every request and exits 0."""
+    h = Herald(tls={"pairs": [pki.pair("localhost")], "ca": pki.ca},
+               extra_args=["--drain-window", "300ms", "--retry", "1500"]).start()
+    base = f"https://localhost:{h.tls_port}" if mode == "tls" else h.base
+    topics = [f"drain-{mode}-{i}" for i in range(5)]
+    ng = Reader(["nghttp", "-v", "--no-dep", "-t", "60s", *[f"{base}/events/{t}" for t in topics]],
+                env={**os.environ, "SSL_CERT_FILE": str(pki.ca)})
+    try:
+        ng.wait_for(lambda d: len(NG_STATUS.findall(d)) >= len(topics), "5 streams answered")
+        h.publish([{"topic": t, "data": f"{t}:last"} for t in topics])
+        ng.wait_for(lambda d: all(f"{t}:last".encode() in d for t in topics), "events before the drain")
+        code = h.stop()
+        assert code == 0, f"herald exit {code}\n{h.logs()}"
+        assert ng.proc.wait(WAIT) == 0, f"nghttp exit {ng.proc.returncode}: {ng.err[-2000:]!r}"
+        raw = ng.data()
+        assert not NG_RST.findall(raw), f"streams reset instead of ended: {NG_RST.findall(raw)}"
+        text = raw.decode("utf-8", "replace")
+        paths = {int(sid): p for sid, p in NG_SEND_HEADERS.findall(text)}
+        ended = {int(sid) for flags, sid in NG_END.findall(raw) if int(flags, 16) & 0x1}
+        assert set(paths) <= ended, f"END_STREAM on every stream: {sorted(ended)} of {sorted(paths)}"
+        for sid, body in nghttp_streams(raw).items():
+            tail = body.decode().split(":last\n\n", 1)[-1]
+            retries = [int(x) for x in re.findall(r"^retry: (\d+)$", tail, re.M)]
+            assert retries and max(retries) >= 1500, f"stream {sid} ({paths.get(sid)}): retry hint after the events: {body!r}"
+    finally:
+        ng.stop()
+        if h.proc is not None:
+            h.stop()
+
+
 @pytest.mark.parametrize("mode", ["h2c", "tls"])
 def test_h2load_smoke(hh, mode):
     """h2load -n 200 -c 4 -m 10 against /healthz: every request succeeds, over h2 (h2c)."""
