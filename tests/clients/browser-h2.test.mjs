@@ -8,13 +8,16 @@
 // stays CONNECTING (Chromium's 6 connections per host) until one of the 6 is closed.
 // The protocol of every event-stream response is read from Chromium's own network events (CDP
 // Network.responseReceived: protocol and connectionId), so an HTTP/1.1 fallback fails the h2 test.
+// A third test restarts herald (--history-file) under 20 open h2 EventSources: Chromium reconnects
+// them all over h2 and each resumes with Last-Event-ID exactly.
 //
 // Run: HERALD_BIN=target/release/herald HERALD_BACKEND=epoll node --test tests/clients/browser-h2.test.mjs
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { chromium } from 'playwright-core';
 import {
-  startHerald, publish, waitFor, withTimeout, topicName, makePki, makeNssHome, metrics, HERALD_BACKEND,
+  startHerald, publish, waitFor, withTimeout, topicName, makePki, makeNssHome, tempDir, metrics, HERALD_BACKEND,
 } from './harness.mjs';
 
 const WAIT = 20000;
@@ -161,5 +164,38 @@ test(`[${HERALD_BACKEND}] http:// (HTTP/1.1 in cleartext): the same page opens o
       `a waiting EventSource opens once one of the ${H1_LIMIT} is closed`);
   } finally {
     await context.close();
+  }
+});
+
+test(`[${HERALD_BACKEND}] h2: after a herald restart Chromium reconnects all ${N} EventSources over h2 and resumes each exactly`, { timeout: 90000 }, async () => {
+  const history = path.join(tempDir('herald-hist-'), 'history.bin');
+  const h = await startHerald({ tls: { pairs: [pki.localhost] }, extraArgs: ['--history-file', history, '--retry', '300', '--drain-window', '300ms'] });
+  const { context, page, streams } = await openPage(h.tlsBase);
+  try {
+    const prefix = topicName('bh2rc');
+    const topics = Array.from({ length: N }, (_, i) => `${prefix}-${i}`);
+    await openMany(page, topics);
+    await waitState(page, (s) => openCount(s) === N, `all ${N} open`);
+    await publish(h.ingestPort, topics.map((t) => ({ topic: t, data: `${t}:a` })));
+    await waitState(page, (s) => s.every((x) => x.msgs.length === 1), 'one event each before the restart');
+
+    const stopped = await h.restart();
+    assert.deepEqual(stopped, { code: 0, signal: null }, `exit status on SIGTERM\n${h.logs()}`);
+    await publish(h.ingestPort, topics.flatMap((t) => [{ topic: t, data: `${t}:b` }, { topic: t, data: `${t}:c` }]));
+    const s = await waitState(page, (st) => st.every((x) => x.opens >= 2 && x.readyState === 1 && x.msgs.length >= 3),
+      `all ${N} reconnected and got b and c`);
+    for (const x of s) {
+      assert.deepEqual(x.msgs.map((m) => m.data), [`${x.topic}:a`, `${x.topic}:b`, `${x.topic}:c`],
+        `${x.topic}: exactly the events after a, nothing missing, nothing twice`);
+    }
+    await waitFor(() => streams.length >= 2 * N, WAIT, `${2 * N} event-stream responses seen by CDP`);
+    assert.deepEqual([...new Set(streams.map((x) => x.protocol))], ['h2'], `reconnects over h2 too: ${JSON.stringify(streams)}`);
+    const before = new Set(streams.slice(0, N).map((x) => x.connectionId));
+    assert.equal(before.size, 1, `one connection before the restart: ${JSON.stringify(streams.slice(0, N))}`);
+    assert.ok(streams.slice(N).every((x) => !before.has(x.connectionId)), 'the reconnects use a new connection');
+  } finally {
+    await context.close();
+    const res = await h.stop();
+    assert.deepEqual(res, { code: 0, signal: null });
   }
 });
