@@ -543,12 +543,16 @@ class RawH2:
     """A bare HTTP/2 client on the `h2` package, for what ordinary clients never do (open more
     streams than the server allows, reset and open in one write). Collects what it receives."""
 
-    def __init__(self, h):
+    def __init__(self, h, initial_window=None):
         self.h = h
         self.sock = socket.create_connection(("127.0.0.1", h.listen_port), timeout=5)
         self.conn = h2.connection.H2Connection(
             config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        if initial_window is not None:
+            self.conn.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window})
         self.conn.initiate_connection()
+        self.no_ack = set()  # streams whose DATA is never acknowledged (their window stays shut)
         self.status, self.refused, self.other_resets, self.body, self.settings = {}, {}, {}, {}, {}
         self.pings = 0
 
@@ -578,7 +582,8 @@ class RawH2:
                     self.status[ev.stream_id] = dict(ev.headers)[":status"]
                 elif isinstance(ev, h2.events.DataReceived):
                     self.body[ev.stream_id] = self.body.get(ev.stream_id, b"") + ev.data
-                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    if ev.stream_id not in self.no_ack:
+                        self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, h2.events.StreamReset):
                     bucket = self.refused if ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM else self.other_resets
                     bucket[ev.stream_id] = ev.error_code
@@ -657,3 +662,31 @@ def test_h2_reset_frees_its_slot_within_the_same_read(max4):
             f"stream 13 refused although stream 3 was reset just before it: status {c.status} refused {c.refused}"
     finally:
         c.close()
+
+
+def test_h2_stream_with_shut_window_does_not_block_its_connection():
+    """Flow control per stream: on one connection, a stream whose window the client never reopens
+    (initial window 256 bytes) does not hold up the other stream's events; past --write-timeout
+    herald resets that stream alone (RST_STREAM, no GOAWAY) and the other one keeps streaming."""
+    h = Herald(extra_args=["--write-timeout", "2s"]).start()
+    c = RawH2(h, initial_window=256)
+    try:
+        c.no_ack.add(1)
+        c.get(1, "/events/shut-a")
+        c.get(3, "/events/open-b")
+        c.flush()
+        c.pump(lambda: c.status.get(1) == "200" and c.status.get(3) == "200", "both streams answered")
+        h.publish([{"topic": "shut-a", "data": f"a{i:03d}-" + "x" * 100} for i in range(40)])
+        h.publish([{"topic": "open-b", "data": f"b{i}-" + "y" * 100} for i in range(20)])
+        c.pump(lambda: b"data: b19-" in c.body.get(3, b""), "stream 3 got all 20 events while stream 1 is shut")
+        assert len(c.body.get(1, b"")) <= 256, f"stream 1 got more than its window: {len(c.body[1])} bytes"
+        c.pump(lambda: 1 in c.other_resets or 1 in c.refused, "herald resets the shut stream after --write-timeout")
+        assert 3 not in c.other_resets, c.other_resets
+        h.publish({"topic": "open-b", "data": "after"})
+        c.pump(lambda: b"data: after" in c.body.get(3, b""), "stream 3 still streams after stream 1's reset")
+        evs = sse_events(c.body[3])
+        assert [e["data"].split("-")[0] for e in evs] == [f"b{i}" for i in range(20)] + ["after"], evs
+        c.close()
+    finally:
+        code = h.stop()
+        assert code == 0, f"herald exit {code}\n{h.logs()}"
