@@ -256,6 +256,47 @@ def test_curl_sse_over_h2_same_bytes_as_http11(hh, mode, topic):
             s1.stop()
 
 
+@pytest.mark.parametrize("mode", ["tls", "h2c", "tls-http1.1"])
+def test_curl_h2_large_event_both_ways(hh, mode, topic, tmp_path):
+    """A 300 KB event, streamed over h2 (DATA frames of at most 16 KB, past the 65,535-byte stream
+    window, so curl's WINDOW_UPDATEs must be honoured), then POSTed over h2 (a request body past the
+    initial window, so herald must send WINDOW_UPDATE): each arrives whole. tls-http1.1 is the same
+    over HTTP/1.1 on the TLS listener, to tell an h2 fault from a TLS one."""
+    if mode == "tls-http1.1":
+        flags, base, want = ["--http1.1", "--cacert", str(hh.tls["ca"])], hh.tls_base, "1.1"
+    else:
+        (flags, base), want = MODES[mode](hh), "2"
+    data = "".join(chr(ord("a") + i % 26) for i in range(300_000))
+    body = tmp_path / "big.txt"
+    body.write_text(data)
+    s = Reader(["curl", "-sS", "-N", "--max-time", "60", *flags, f"{base}/events/{topic}"])
+    try:
+        s.wait_for(lambda d: d.startswith(b":"), "stream flushed")
+        # Server to client: published on the ingest socket.
+        hh.publish([{"topic": topic, "data": data}, {"topic": topic, "data": "after-ingest"}])
+        raw = s.wait_for(has_data("after-ingest"), "the large event from ingest, then 'after-ingest'")
+        got = sse_events(raw)
+        assert [len(e["data"]) for e in got] == [len(data), len("after-ingest")], [len(e["data"]) for e in got]
+        assert got[0]["data"] == data
+        # Client to server: the same event as a POST body, 5 times (each its own connection).
+        ids = []
+        for attempt in range(5):
+            p = run(["curl", "-sS", "--max-time", "10", *flags, "-w", WOUT, "-X", "POST", "--data-binary", f"@{body}",
+                     f"{base}/publish/{topic}"])
+            answer, _, w = p.stdout.rpartition("\n__W__ ")
+            assert p.returncode == 0 and w.startswith(f"{want} 200"), \
+                f"POST {attempt + 1}/5 of {len(data)} bytes: curl exit {p.returncode} {p.stderr.strip()!r}, {w!r}; " + \
+                "herald: " + str({k: v for k, v in hh.metrics().items() if k.endswith("errors_total") and v})
+            ids.append(json.loads(answer)["id"])
+        hh.publish({"topic": topic, "data": "after-post"})
+        raw = s.wait_for(has_data("after-post"), "the large events from POST, then 'after-post'")
+        got = sse_events(raw)
+        assert [(e["id"], e["data"] == data) for e in got[2:7]] == [(i, True) for i in ids], \
+            [(e["id"], len(e["data"])) for e in got]
+    finally:
+        s.stop()
+
+
 def test_curl_h2_multi_topic_subscription(hh, topic):
     """GET /events?topic=a&topic=b over h2: events of a and b, none of c."""
     a, b, c = f"{topic}-a", f"{topic}-b", f"{topic}-c"
