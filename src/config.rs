@@ -52,7 +52,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Path
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
-    /// Address for subscribers (HTTP/1.1 SSE), or "off" when --tls-listen is set
+    /// Address for subscribers (SSE over HTTP/1.1, or h2c with prior knowledge), or "off" when --tls-listen is set
     /// [default: 0.0.0.0:8080]
     #[arg(long)]
     pub listen: Option<String>,

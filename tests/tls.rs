@@ -366,8 +366,8 @@ fn bad_tls_input_is_refused_counted_and_costs_the_live_streams_nothing() {
     });
 
     // A client that speaks only a protocol herald does not offer.
-    let h2_only = pki.client().alpn(&[b"h2"]).build();
-    assert!(connect(tls, "localhost", &h2_only).is_err());
+    let h3_only = pki.client().alpn(&[b"h3"]).build();
+    assert!(connect(tls, "localhost", &h3_only).is_err());
     wait_for("the ALPN refusal counted", || {
         metric(s.addr, "herald_tls_incompatible_total") >= 1
     });

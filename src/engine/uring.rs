@@ -898,6 +898,10 @@ impl Driver {
             // the single SEND points at the session's ciphertext buffer, which the core
             // neither grows nor returns to its pool before `handle_written` says all of it
             // is out, and frees only in `release`, after every op on the connection ended.
+            // On an h2 connection the iovecs also point at the frame headers of its plan,
+            // which is neither grown nor cleared while a write of it is in flight, and at
+            // its streams' frames, whose streams are released only once their part of the
+            // plan is written (or with the connection, after its last op).
             unsafe { self.shards[shard].push(entry.user_data(ud)) };
         }
     }

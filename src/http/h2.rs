@@ -377,12 +377,12 @@ impl Fields {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        if self.method.as_deref() == Some(b"CONNECT") {
+            return Err(Malformed::Connect);
+        }
         let (Some(method), Some(path)) = (&self.method, &self.path) else {
             return Err(Malformed::Missing);
         };
-        if method == b"CONNECT" {
-            return Err(Malformed::Connect);
-        }
         if self.scheme.is_none() || path.is_empty() {
             return Err(Malformed::Missing);
         }
