@@ -80,6 +80,15 @@ impl Default for Decoder {
 }
 
 impl Decoder {
+    /// A decoder for a body without HTTP/1.1 head or chunked framing (an h2 stream's
+    /// DATA, whose status came in its HEADERS frame).
+    pub fn body() -> Decoder {
+        Decoder {
+            in_head: false,
+            ..Decoder::default()
+        }
+    }
+
     /// Feed bytes just read; `f` sees each item in order.
     pub fn feed<F: FnMut(Item)>(&mut self, input: &[u8], f: &mut F) -> Result<Flow, Fail> {
         if !self.in_head {
@@ -304,6 +313,23 @@ mod tests {
         let bytes: Vec<&[u8]> = all.chunks(1).collect();
         let (items, flow) = run(&bytes);
         assert_eq!((items, flow), (want, Ok(Flow::End)));
+    }
+
+    #[test]
+    fn body_decoder_has_no_head() {
+        let mut d = Decoder::body();
+        let mut items = Vec::new();
+        let r = d.feed(b": hi\n\ndata: 7 8\n\ndata: 9", &mut |i| items.push(i));
+        assert_eq!(r, Ok(Flow::More));
+        d.feed(b" 10\n\n", &mut |i| items.push(i)).unwrap();
+        assert_eq!(
+            items,
+            vec![
+                Item::Comment,
+                Item::Event { seq: 7, ts_ns: 8 },
+                Item::Event { seq: 9, ts_ns: 10 }
+            ]
+        );
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! is read out into a second shared buffer and decoded as above. rustls keeps each
 //! decrypted record in a buffer of its own until it is read out (one allocation per
 //! record: that is the buffered API's cost, counted in the load generator's CPU).
+//!
+//! With `--h2` each socket is an HTTP/2 connection carrying `--streams-per-conn` streams,
+//! and the subscriber is the stream: `streams` holds one decoder and one sequence tracker
+//! per stream (row `conn × M + k` of the seen-bitset), the frames are parsed by
+//! `h2::Conn` from the same shared buffers, DATA goes to the stream's decoder without
+//! chunked framing. A connection is "in flight" until each of its streams has its 200
+//! HEADERS or has failed; `--max-inflight`, `--connect-rate` and the source addresses
+//! count connections.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -25,6 +33,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use rustls::ClientConnection;
 
+use super::h2;
 use super::proto::{buckets, new_hist, ChildMsg, ChildReport, ChildStatus};
 use super::tls::{self, Session, SessionTally, TlsClient};
 use super::{subscribe_request, Opt, Target};
@@ -60,10 +69,121 @@ struct Conn {
     stream: Option<TcpStream>,
     /// The TLS session of an https:// subscriber, from TCP connect on.
     tls: Option<Box<ClientConnection>>,
+    /// --h2: the connection's framing state (its streams are in `Child::streams`).
+    h2: Option<Box<h2::Conn>>,
     state: State,
     dec: Decoder,
     started_ns: u64,
     track: Track,
+}
+
+/// One --h2 subscriber: a stream of a connection. `state` is Head until its 200
+/// HEADERS, then Streaming, then Closed.
+struct Stream {
+    state: State,
+    dec: Decoder,
+    track: Track,
+}
+
+/// What a connection's stream events leave for the child to count (after the feed).
+enum Act {
+    Opened,
+    Ended { k: usize, was: State, cause: String },
+}
+
+/// The h2 sink of one connection's streams: decodes DATA into the stream's SSE decoder
+/// and checks (as `read` does for HTTP/1.1), changes stream states at once and queues
+/// the counting in `acts`.
+struct StreamSink<'a> {
+    streams: &'a mut [Stream],
+    /// Row of the connection's first stream in the seen-bitset.
+    base: usize,
+    stats: &'a mut Stats,
+    now: u64,
+    acts: &'a mut Vec<Act>,
+}
+
+impl StreamSink<'_> {
+    fn end(&mut self, k: usize, cause: String) {
+        let s = &mut self.streams[k];
+        if matches!(s.state, State::Head | State::Streaming) {
+            self.acts.push(Act::Ended {
+                k,
+                was: s.state,
+                cause,
+            });
+            s.state = State::Closed;
+        }
+    }
+}
+
+impl h2::Sink for StreamSink<'_> {
+    fn stream(&mut self, k: usize, ev: h2::Event<'_>) {
+        let state = self.streams[k].state;
+        match ev {
+            h2::Event::Status { status, end } => {
+                if state == State::Head {
+                    match status {
+                        200 => {
+                            self.streams[k].state = State::Streaming;
+                            self.acts.push(Act::Opened);
+                        }
+                        100..=199 => return, // informational: the response follows
+                        _ => return self.end(k, format!("http_{status}")),
+                    }
+                }
+                if end {
+                    self.end(k, "server_ended_stream".into());
+                }
+            }
+            h2::Event::Data(d) => match state {
+                State::Streaming => {
+                    let StreamSink {
+                        streams,
+                        base,
+                        stats,
+                        now,
+                        ..
+                    } = self;
+                    let s = &mut streams[k];
+                    let track = &mut s.track;
+                    let (row, now) = (*base + k, *now);
+                    let res = s
+                        .dec
+                        .feed(d, &mut |item| stats.on_item(track, row, now, item));
+                    if let Some(cause) = end_cause(res) {
+                        self.end(k, cause);
+                    }
+                }
+                State::Head => self.end(k, "h2_data_before_headers".into()),
+                // An ended stream's late data is dropped.
+                _ => {}
+            },
+            h2::Event::End => self.end(k, "server_ended_stream".into()),
+            h2::Event::Reset(code) => self.end(k, format!("h2_rst_{}", h2::code_name(code))),
+        }
+    }
+}
+
+/// Feed received (or decrypted) bytes to an h2 connection; the connection-level failure,
+/// if any, as a counter name.
+fn h2_feed(
+    h: &mut h2::Conn,
+    streams: &mut [Stream],
+    base: usize,
+    stats: &mut Stats,
+    acts: &mut Vec<Act>,
+    now: u64,
+    data: &[u8],
+) -> Option<String> {
+    let mut sink = StreamSink {
+        streams,
+        base,
+        stats,
+        now,
+        acts,
+    };
+    h.feed(data, &mut sink).err().map(|e| e.name())
 }
 
 /// Counters, histograms and the seen-bitset; everything the per-event path touches.
@@ -145,6 +265,19 @@ struct Child {
     target: SocketAddr,
     /// Request bytes per topic, built once.
     requests: Vec<Vec<u8>>,
+    /// --h2: streams per connection (0: HTTP/1.1), the HPACK request block per topic,
+    /// the streams (M per connection, in connection order), the acts of the last feed.
+    h2_m: usize,
+    h2_blocks: Vec<Vec<u8>>,
+    streams: Vec<Stream>,
+    acts: Vec<Act>,
+    /// h2 connections that had a stream open; GOAWAYs received by error code; the
+    /// smallest SETTINGS_MAX_CONCURRENT_STREAMS seen; PINGs answered; WINDOW_UPDATEs sent.
+    conns_ok: u64,
+    h2_goaway: BTreeMap<String, u64>,
+    h2_max_streams: Option<u32>,
+    h2_pings: u64,
+    h2_window_updates: u64,
     first: usize,
     sources: usize,
     rcvbuf: usize,
@@ -177,6 +310,24 @@ pub fn run(opt: &Opt) -> Result<()> {
         .iter()
         .map(|t| subscribe_request(&target, t, &extra))
         .collect();
+    let h2_m = if opt.h2 { opt.streams_per_conn() } else { 0 };
+    let h2_blocks = if opt.h2 {
+        let fields = opt.auth_fields()?;
+        let blocks: Vec<Vec<u8>> = target
+            .topics(opt.topics)
+            .iter()
+            .map(|t| {
+                let path = format!("{}{t}", target.prefix);
+                h2::request_block(target.tls, &target.host, &path, &fields)
+            })
+            .collect();
+        if blocks.iter().any(|b| b.len() > h2::MAX_FRAME) {
+            anyhow::bail!("the h2 request header block exceeds one 16 KiB frame");
+        }
+        blocks
+    } else {
+        Vec::new()
+    };
     let children = opt.subscribers.div_ceil(opt.per_child.max(1)).max(1);
     let tls = TlsClient::from_opt(opt, &target)?;
     // TLS: the handshakes in flight over all children stay within --tls-inflight.
@@ -199,6 +350,7 @@ pub fn run(opt: &Opt) -> Result<()> {
             .map(|_| Conn {
                 stream: None,
                 tls: None,
+                h2: None,
                 state: State::NotStarted,
                 dec: Decoder::default(),
                 started_ns: 0,
@@ -232,6 +384,21 @@ pub fn run(opt: &Opt) -> Result<()> {
         rss_start_kib: 0,
         target: target.addr,
         requests,
+        h2_m,
+        h2_blocks,
+        streams: (0..n * h2_m)
+            .map(|_| Stream {
+                state: State::Head,
+                dec: Decoder::body(),
+                track: Track::default(),
+            })
+            .collect(),
+        acts: Vec::new(),
+        conns_ok: 0,
+        h2_goaway: BTreeMap::new(),
+        h2_max_streams: None,
+        h2_pings: 0,
+        h2_window_updates: 0,
         first: opt.child_first,
         sources: if target.addr.ip().is_loopback() {
             usize::from(opt.sources)
@@ -427,6 +594,9 @@ impl Child {
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => return, // spurious
                     Err(e) => return self.fail(idx, &io_error_name(&e)),
                 }
+                if self.h2_m > 0 {
+                    return self.h2_begin(idx);
+                }
                 let topic = (self.first + idx) % self.requests.len();
                 let req = &self.requests[topic];
                 if let Some(client) = &self.tls {
@@ -448,6 +618,11 @@ impl Child {
                     Err(e) => self.fail(idx, &io_error_name(&e)),
                 }
             }
+            State::Head | State::Streaming if conn.h2.is_some() && conn.tls.is_none() => {
+                self.h2_flush_plain(idx);
+                self.read(idx);
+                self.h2_flush_plain(idx);
+            }
             State::Head | State::Streaming if conn.tls.is_some() => self.read_tls(idx),
             State::Head | State::Streaming => self.read(idx),
             State::NotStarted | State::Closed => {}
@@ -457,7 +632,13 @@ impl Child {
     fn read(&mut self, idx: usize) {
         loop {
             let Child {
-                conns, stats, buf, ..
+                conns,
+                stats,
+                buf,
+                streams,
+                acts,
+                h2_m,
+                ..
             } = self;
             let conn = &mut conns[idx];
             let Some(stream) = conn.stream.as_mut() else {
@@ -473,6 +654,22 @@ impl Child {
             // One clock read per recv: every event in it was in the socket by now.
             let now = mono_ns();
             stats.bytes += n as u64;
+            if let Some(h) = conn.h2.as_deref_mut() {
+                let (base, m) = (idx * *h2_m, *h2_m);
+                let streams = &mut streams[base..base + m];
+                let end = h2_feed(h, streams, base, stats, acts, now, &buf[..n]);
+                self.h2_after(idx, now);
+                if self.conns[idx].state == State::Closed {
+                    return;
+                }
+                if let Some(cause) = end {
+                    return self.close(idx, &cause);
+                }
+                if n < RECV_BUF {
+                    return;
+                }
+                continue;
+            }
             let mut opened = false;
             let track = &mut conn.track;
             let res = conn.dec.feed(&buf[..n], &mut |item| {
@@ -505,10 +702,20 @@ impl Child {
                 stats,
                 buf,
                 plain,
+                streams,
+                acts,
+                h2_m,
                 ..
             } = self;
-            let conn = &mut conns[idx];
-            let (Some(stream), Some(tc)) = (conn.stream.as_mut(), conn.tls.as_deref_mut()) else {
+            let Conn {
+                stream,
+                tls,
+                h2: h2c,
+                dec,
+                track,
+                ..
+            } = &mut conns[idx];
+            let (Some(stream), Some(tc)) = (stream.as_mut(), tls.as_deref_mut()) else {
                 return;
             };
             let n = match stream.read(buf) {
@@ -524,7 +731,6 @@ impl Child {
             let mut input = &buf[..n];
             let mut opened = false;
             let mut end = None;
-            let track = &mut conn.track;
             'records: while !input.is_empty() {
                 // Takes at most one 4 KiB step of `input` per call.
                 match tc.read_tls(&mut input) {
@@ -545,6 +751,15 @@ impl Child {
                     end = Some(tls::error_name(&e));
                     break;
                 }
+                if let Some(h) = h2c.as_deref_mut() {
+                    if !h.alpn_checked && !tc.is_handshaking() {
+                        h.alpn_checked = true;
+                        if tc.alpn_protocol() != Some(b"h2") {
+                            end = Some("tls_alpn_not_h2".to_string());
+                            break;
+                        }
+                    }
+                }
                 loop {
                     let m = match tc.reader().read(plain) {
                         Ok(0) => {
@@ -558,7 +773,26 @@ impl Child {
                             break 'records;
                         }
                     };
-                    let res = conn.dec.feed(&plain[..m], &mut |item| {
+                    if let Some(h) = h2c.as_deref_mut() {
+                        let (base, hm) = (idx * *h2_m, *h2_m);
+                        let streams = &mut streams[base..base + hm];
+                        if let Some(cause) =
+                            h2_feed(h, streams, base, stats, acts, now, &plain[..m])
+                        {
+                            end = Some(cause);
+                            break 'records;
+                        }
+                        if !h.out.is_empty() {
+                            // ACKs, WINDOW_UPDATEs: written out by tls_flush below.
+                            if let Err(e) = tc.writer().write_all(&h.out) {
+                                end = Some(format!("tls_{}", io_error_name(&e)));
+                                break 'records;
+                            }
+                            h.out.clear();
+                        }
+                        continue;
+                    }
+                    let res = dec.feed(&plain[..m], &mut |item| {
                         if item == Item::Opened {
                             opened = true;
                         }
@@ -573,6 +807,12 @@ impl Child {
             if opened {
                 self.sessions.add(Session::of(tc));
                 self.opened(idx, now);
+            }
+            if self.h2_m > 0 {
+                self.h2_after(idx, now);
+                if self.conns[idx].state == State::Closed {
+                    return;
+                }
             }
             if let Some(cause) = end {
                 return self.close(idx, &cause);
@@ -614,6 +854,9 @@ impl Child {
 
     /// A subscriber that never reached streaming.
     fn fail(&mut self, idx: usize, cause: &str) {
+        if self.h2_m > 0 {
+            return self.h2_close(idx, cause);
+        }
         let c = &mut self.conns[idx];
         if matches!(c.state, State::Connecting | State::Head) {
             self.inflight -= 1;
@@ -626,6 +869,9 @@ impl Child {
     }
 
     fn close(&mut self, idx: usize, cause: &str) {
+        if self.h2_m > 0 {
+            return self.h2_close(idx, cause);
+        }
         if self.conns[idx].state != State::Streaming {
             return self.fail(idx, cause);
         }
@@ -640,12 +886,235 @@ impl Child {
         *self.dropped.entry(cause.to_string()).or_default() += 1;
     }
 
+    /// --h2, TCP connected: queue the preface, SETTINGS, the connection WINDOW_UPDATE and
+    /// one HEADERS frame per stream (over TLS inside rustls until the handshake is done).
+    fn h2_begin(&mut self, idx: usize) {
+        let m = self.h2_m;
+        let mut h = Box::new(h2::Conn::new(m));
+        h2::client_start(&mut h.out);
+        for k in 0..m {
+            let topic = ((self.first + idx) * m + k) % self.h2_blocks.len();
+            h2::request(&mut h.out, h2::stream_id(k), &self.h2_blocks[topic]);
+        }
+        if let Some(client) = &self.tls {
+            let mut tc = match client.connect() {
+                Ok(tc) => tc,
+                Err(e) => return self.fail(idx, &tls::error_name(&e)),
+            };
+            // All M requests wait in rustls until the handshake is done, however many.
+            tc.set_buffer_limit(None);
+            if let Err(e) = tc.writer().write_all(&h.out) {
+                return self.fail(idx, &io_error_name(&e));
+            }
+            h.out = Vec::new();
+            let c = &mut self.conns[idx];
+            c.tls = Some(Box::new(tc));
+            c.h2 = Some(h);
+            c.state = State::Head;
+            return self.tls_flush(idx);
+        }
+        let c = &mut self.conns[idx];
+        c.h2 = Some(h);
+        c.state = State::Head;
+        self.h2_flush_plain(idx);
+    }
+
+    /// Write what a cleartext h2 connection has queued, until done or the socket is full
+    /// (the next writable edge calls this again).
+    fn h2_flush_plain(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        let (Some(stream), Some(h)) = (c.stream.as_mut(), c.h2.as_deref_mut()) else {
+            return;
+        };
+        while !h.out.is_empty() {
+            match stream.write(&h.out) {
+                Ok(0) => return self.close(idx, "write_zero"),
+                Ok(n) => {
+                    h.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.close(idx, &io_error_name(&e)),
+            }
+        }
+        // The start (M HEADERS frames) is the only large write: do not keep its capacity.
+        if h.out.capacity() > 4096 {
+            h.out = Vec::new();
+        }
+    }
+
+    /// Count a stream's end: a failure if it never streamed, else a dropped stream.
+    fn count_end(&mut self, row: usize, was: State, cause: &str) {
+        if was == State::Streaming {
+            self.dropped_total += 1;
+            if self.streams[row].track.armed {
+                self.dropped_since_arm += 1;
+            }
+            *self.dropped.entry(cause.to_string()).or_default() += 1;
+        } else {
+            self.failed += 1;
+            *self.connect_fail.entry(cause.to_string()).or_default() += 1;
+        }
+    }
+
+    /// After a feed of h2 connection `idx`: count the streams' acts, end the streams a
+    /// GOAWAY left out, take the connection's counters, and settle its set-up (out of
+    /// flight once no stream is pending; closed once no stream is left).
+    fn h2_after(&mut self, idx: usize, now: u64) {
+        let base = idx * self.h2_m;
+        let mut acts = std::mem::take(&mut self.acts);
+        for a in acts.drain(..) {
+            match a {
+                Act::Opened => {
+                    let started = self.conns[idx].started_ns;
+                    self.connect_hist
+                        .saturating_record(now.saturating_sub(started).max(1));
+                    self.last_open_ns = now;
+                    self.ok += 1;
+                    let c = &mut self.conns[idx];
+                    if let Some(h) = c.h2.as_deref_mut() {
+                        h.pending -= 1;
+                        h.live += 1;
+                        if !h.established {
+                            h.established = true;
+                            self.conns_ok += 1;
+                            if let Some(tc) = c.tls.as_deref() {
+                                self.sessions.add(Session::of(tc));
+                            }
+                        }
+                    }
+                }
+                Act::Ended { k, was, cause } => {
+                    self.count_end(base + k, was, &cause);
+                    if let Some(h) = self.conns[idx].h2.as_deref_mut() {
+                        if was == State::Streaming {
+                            h.live -= 1;
+                        } else {
+                            h.pending -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.acts = acts;
+        let Some(h) = self.conns[idx].h2.as_deref_mut() else {
+            return;
+        };
+        self.h2_pings += std::mem::take(&mut h.pings);
+        self.h2_window_updates += std::mem::take(&mut h.window_updates);
+        if let Some(v) = h.server_max_streams.take() {
+            self.h2_max_streams = Some(self.h2_max_streams.map_or(v, |x| x.min(v)));
+        }
+        if let Some((last, code)) = h.goaway.take() {
+            let cause = format!("h2_goaway_{}", h2::code_name(code));
+            *self.h2_goaway.entry(cause.clone()).or_default() += 1;
+            // Streams the server will not answer end now; the rest end with the
+            // connection, under the same cause.
+            h.end_cause = Some(cause.clone());
+            for k in 0..self.h2_m {
+                let row = base + k;
+                let was = self.streams[row].state;
+                if h2::stream_id(k) > last && matches!(was, State::Head | State::Streaming) {
+                    self.streams[row].state = State::Closed;
+                    self.count_end(row, was, &cause);
+                    if let Some(h) = self.conns[idx].h2.as_deref_mut() {
+                        if was == State::Streaming {
+                            h.live -= 1;
+                        } else {
+                            h.pending -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.h2_settle(idx);
+    }
+
+    /// A connection whose streams have all opened or failed is out of flight; one with no
+    /// stream left is closed.
+    fn h2_settle(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        let Some(h) = c.h2.as_deref() else {
+            return;
+        };
+        let (pending, live) = (h.pending, h.live);
+        if c.state == State::Head && pending == 0 {
+            c.state = State::Streaming;
+            self.inflight -= 1;
+        }
+        if c.state == State::Streaming && live == 0 {
+            self.h2_close(idx, "no_stream_left");
+        }
+    }
+
+    /// End an h2 connection and every stream still on it (failed if not yet streaming,
+    /// dropped if streaming), under the GOAWAY's cause if one came.
+    fn h2_close(&mut self, idx: usize, cause: &str) {
+        let c = &mut self.conns[idx];
+        if c.state == State::Closed {
+            return;
+        }
+        if matches!(c.state, State::Connecting | State::Head) {
+            self.inflight -= 1;
+        }
+        let cause =
+            c.h2.as_ref()
+                .and_then(|h| h.end_cause.clone())
+                .unwrap_or_else(|| cause.to_string());
+        c.stream = None;
+        c.tls = None;
+        c.h2 = None;
+        c.state = State::Closed;
+        for row in idx * self.h2_m..(idx + 1) * self.h2_m {
+            let was = self.streams[row].state;
+            if matches!(was, State::Head | State::Streaming) {
+                self.streams[row].state = State::Closed;
+                self.count_end(row, was, &cause);
+            }
+        }
+    }
+
+    /// `abandon` for --h2: connections still connecting fail whole; on the others, the
+    /// streams without a 200 yet fail as `timeout` and the connection keeps the rest.
+    fn h2_abandon(&mut self) {
+        for idx in 0..self.conns.len() {
+            match self.conns[idx].state {
+                State::Connecting => self.h2_close(idx, "timeout"),
+                State::Head => {
+                    for k in 0..self.h2_m {
+                        let row = idx * self.h2_m + k;
+                        if self.streams[row].state == State::Head {
+                            self.streams[row].state = State::Closed;
+                            self.count_end(row, State::Head, "timeout");
+                            if let Some(h) = self.conns[idx].h2.as_deref_mut() {
+                                h.pending -= 1;
+                            }
+                        }
+                    }
+                    self.h2_settle(idx);
+                }
+                _ => {}
+            }
+        }
+        let left = (self.conns.len() - self.started) as u64 * self.h2_m as u64;
+        if left > 0 {
+            self.failed += left;
+            *self.connect_fail.entry("not_started".into()).or_default() += left;
+            self.started = self.conns.len();
+        }
+    }
+
     fn poll_milestones(&mut self) {
         if !self.connected_sent && self.started == self.conns.len() && self.inflight == 0 {
             self.connected_sent = true;
             send(&ChildMsg::Connected {
                 ok: self.ok,
                 failed: self.failed,
+                conns: if self.h2_m > 0 {
+                    self.conns_ok
+                } else {
+                    self.ok
+                },
             });
         }
         if self.stats.armed
@@ -691,11 +1160,17 @@ impl Child {
 
     fn status(&self) -> ChildStatus {
         ChildStatus {
-            live: self
-                .conns
-                .iter()
-                .filter(|c| c.state == State::Streaming)
-                .count() as u64,
+            live: if self.h2_m > 0 {
+                self.streams
+                    .iter()
+                    .filter(|s| s.state == State::Streaming)
+                    .count() as u64
+            } else {
+                self.conns
+                    .iter()
+                    .filter(|c| c.state == State::Streaming)
+                    .count() as u64
+            },
             comments: self.stats.comments,
             dropped: self.dropped_total,
             deliveries: self.stats.deliveries,
@@ -707,19 +1182,24 @@ impl Child {
         let s = &mut self.stats;
         s.events = events;
         s.words = (events as usize).div_ceil(64);
-        s.seen = vec![0; s.words * self.conns.len()];
+        s.seen = vec![0; s.words * self.conns.len() * self.h2_m.max(1)];
         s.seq_max = vec![0; events as usize];
         s.seq_min = vec![u64::MAX; events as usize];
         s.seq_count = vec![0; events as usize];
         s.complete = 0;
         self.live_at_arm = 0;
         self.dropped_since_arm = 0;
-        for c in &mut self.conns {
-            c.track = Track {
-                armed: c.state == State::Streaming,
+        let subs: Box<dyn Iterator<Item = (State, &mut Track)>> = if self.h2_m > 0 {
+            Box::new(self.streams.iter_mut().map(|s| (s.state, &mut s.track)))
+        } else {
+            Box::new(self.conns.iter_mut().map(|c| (c.state, &mut c.track)))
+        };
+        for (state, track) in subs {
+            *track = Track {
+                armed: state == State::Streaming,
                 ..Track::default()
             };
-            self.live_at_arm += u64::from(c.track.armed);
+            self.live_at_arm += u64::from(track.armed);
         }
         s.armed = true;
         if events == 0 {
@@ -728,6 +1208,9 @@ impl Child {
     }
 
     fn abandon(&mut self) {
+        if self.h2_m > 0 {
+            return self.h2_abandon();
+        }
         for idx in 0..self.conns.len() {
             if matches!(self.conns[idx].state, State::Connecting | State::Head) {
                 self.fail(idx, "timeout");
@@ -743,11 +1226,14 @@ impl Child {
 
     fn report(&self) -> ChildReport {
         let s = &self.stats;
-        let missing = self
-            .conns
-            .iter()
-            .filter(|c| c.track.armed)
-            .map(|c| s.events - u64::from(c.track.distinct).min(s.events))
+        let tracks: Box<dyn Iterator<Item = &Track>> = if self.h2_m > 0 {
+            Box::new(self.streams.iter().map(|s| &s.track))
+        } else {
+            Box::new(self.conns.iter().map(|c| &c.track))
+        };
+        let missing = tracks
+            .filter(|t| t.armed)
+            .map(|t| s.events - u64::from(t.distinct).min(s.events))
             .sum();
         ChildReport {
             connected: self.ok,
@@ -774,6 +1260,15 @@ impl Child {
             seq_max_ns: s.seq_max.clone(),
             seq_min_ns: s.seq_min.clone(),
             seq_count: s.seq_count.clone(),
+            conns_ok: if self.h2_m > 0 {
+                self.conns_ok
+            } else {
+                self.ok
+            },
+            h2_goaway: self.h2_goaway.clone(),
+            h2_server_max_streams: self.h2_max_streams,
+            h2_pings: self.h2_pings,
+            h2_window_updates: self.h2_window_updates,
         }
     }
 }

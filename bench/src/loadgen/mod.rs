@@ -4,6 +4,7 @@
 //! The parent publishes and samples /proc; children only read sockets (see `child.rs`).
 
 pub mod child;
+pub mod h2;
 pub mod handshake;
 pub mod parent;
 pub mod proto;
@@ -27,7 +28,9 @@ use clap::{Parser, ValueEnum};
 /// An https:// --url speaks TLS (rustls, verified against --cacert); --handshakes N
 /// measures TLS handshakes instead of subscribing; --starts N measures stream starts
 /// (connect, subscribe, 200 head, close) per second. --bearer/--bearer-file/--cookie
-/// send a token with every subscribe request.
+/// send a token with every subscribe request. --h2 subscribes over HTTP/2 (ALPN h2 on
+/// https://, prior knowledge on http://), --streams-per-conn M streams on each of the N
+/// connections.
 #[derive(Parser, Debug, Clone, serde::Serialize)]
 #[command(name = "herald-bench", version)]
 pub struct Opt {
@@ -96,9 +99,21 @@ pub struct Opt {
     #[arg(long)]
     #[serde(serialize_with = "redacted")]
     pub cookie: Option<String>,
-    /// Number of SSE subscribers to open.
+    /// Number of SSE subscribers to open (with --h2: connections, each carrying
+    /// --streams-per-conn subscriber streams).
     #[arg(long, short = 'n', default_value_t = 1000)]
     pub subscribers: usize,
+    /// Subscribe over HTTP/2: an https:// --url offers ALPN h2 only (the run stops if the
+    /// server does not select it), an http:// --url sends the h2 preface at once (prior
+    /// knowledge, h2c). Every stream gets the checks an HTTP/1.1 subscriber gets.
+    #[arg(long, conflicts_with_all = ["handshakes", "starts"])]
+    pub h2: bool,
+    /// With --h2: streams (subscribers) opened on each connection; the run has
+    /// --subscribers × this many subscribers. Keep it within the server's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (herald --h2-max-streams and nginx
+    /// http2_max_concurrent_streams default to 128): streams beyond are refused.
+    #[arg(long, default_value_t = 1, requires = "h2", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub streams_per_conn: u32,
     /// Spread subscribers over K topics (TOPIC-0 .. TOPIC-{K-1}, or TOPIC itself when
     /// K = 1); every event is published to every topic.
     #[arg(long, default_value_t = 1)]
@@ -199,6 +214,15 @@ impl Opt {
     /// The request header lines (each ending in CRLF) of --bearer / --bearer-file and
     /// --cookie, empty without them.
     pub fn auth_headers(&self) -> Result<String> {
+        Ok(self
+            .auth_fields()?
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect())
+    }
+
+    /// The (name, value) pairs of --bearer / --bearer-file and --cookie, checked.
+    pub fn auth_fields(&self) -> Result<Vec<(String, String)>> {
         let token = match (&self.bearer, &self.bearer_file) {
             (Some(t), _) => Some(t.trim().to_string()),
             (None, Some(p)) => Some(
@@ -209,20 +233,29 @@ impl Opt {
             ),
             (None, None) => None,
         };
-        let mut h = String::new();
+        let mut h = Vec::new();
         if let Some(t) = token {
             if t.is_empty() || t.bytes().any(|b| b.is_ascii_whitespace() || b < 0x21) {
                 bail!("the Bearer token is empty or contains whitespace/control characters");
             }
-            h.push_str(&format!("Authorization: Bearer {t}\r\n"));
+            h.push(("Authorization".to_string(), format!("Bearer {t}")));
         }
         if let Some(c) = &self.cookie {
             if c.bytes().any(|b| b == b'\r' || b == b'\n') {
                 bail!("--cookie contains a line break");
             }
-            h.push_str(&format!("Cookie: {c}\r\n"));
+            h.push(("Cookie".to_string(), c.clone()));
         }
         Ok(h)
+    }
+
+    /// Streams per connection: --streams-per-conn with --h2, else 1.
+    pub fn streams_per_conn(&self) -> usize {
+        if self.h2 {
+            self.streams_per_conn as usize
+        } else {
+            1
+        }
     }
 }
 

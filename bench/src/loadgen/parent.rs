@@ -27,7 +27,8 @@ struct Fleet {
     procs: Vec<Child>,
     stdin: Vec<ChildStdin>,
     rx: Receiver<(usize, ChildMsg)>,
-    connected: Vec<Option<(u64, u64)>>,
+    /// Per child: (subscribers streaming, failed, connections with one streaming).
+    connected: Vec<Option<(u64, u64, u64)>>,
     armed: Vec<bool>,
     done: Vec<bool>,
     exited: Vec<bool>,
@@ -104,6 +105,13 @@ impl Fleet {
             if opt.tls_verify_every {
                 cmd.arg("--tls-verify-every");
             }
+            if opt.h2 {
+                cmd.args([
+                    "--h2",
+                    "--streams-per-conn",
+                    &opt.streams_per_conn.to_string(),
+                ]);
+            }
             if let Some(t) = &opt.bearer {
                 cmd.args(["--bearer", t]);
             }
@@ -172,7 +180,9 @@ impl Fleet {
 
     fn handle(&mut self, i: usize, m: ChildMsg) {
         match m {
-            ChildMsg::Connected { ok, failed } => self.connected[i] = Some((ok, failed)),
+            ChildMsg::Connected { ok, failed, conns } => {
+                self.connected[i] = Some((ok, failed, conns))
+            }
             ChildMsg::Armed => self.armed[i] = true,
             ChildMsg::Done => self.done[i] = true,
             ChildMsg::Status(s) => self.status[i] = Some(s),
@@ -284,6 +294,14 @@ pub fn run(opt: &Opt) -> Result<()> {
     for &p in &pids {
         vm_rss_kib(p).with_context(|| format!("--server-pid {p}: no such process"))?;
     }
+    // --h2: stop here, clearly, if the server does not speak h2 (before the baseline
+    // memory sample, so the probe's connection is in it).
+    let h2_negotiation = if opt.h2 {
+        Some(super::h2::probe(&target, tls.as_ref())?)
+    } else {
+        None
+    };
+    let m = opt.streams_per_conn() as u64;
     let mut rep = Report {
         tool: "herald-bench",
         label: opt.label.clone(),
@@ -313,24 +331,24 @@ pub fn run(opt: &Opt) -> Result<()> {
         });
     }
     let connected: u64 = fleet.connected.iter().flatten().map(|c| c.0).sum();
+    let tcp_conns: u64 = fleet.connected.iter().flatten().map(|c| c.2).sum();
     thread::sleep(secs(opt.settle));
     let sys_idle = SysCounters::read();
     rep.memory.server_rss_idle_kib = rss_kib(&pids);
     rep.memory.loadgen_rss_idle_kib = rss_kib(&fleet.pids());
-    let per = |d: i64| {
-        if connected > 0 {
-            d as f64 / connected as f64
-        } else {
-            0.0
-        }
-    };
-    rep.memory.server_rss_per_conn_bytes = per((rep.memory.server_rss_idle_kib as i64
-        - rep.memory.server_rss_before_kib as i64)
-        * 1024);
+    rep.memory.tcp_connections = tcp_conns;
+    rep.memory.streams = connected;
+    // Per TCP connection and per subscriber (stream); the same without --h2.
+    let per = |d: i64, n: u64| if n > 0 { d as f64 / n as f64 } else { 0.0 };
+    let rss_delta =
+        (rep.memory.server_rss_idle_kib as i64 - rep.memory.server_rss_before_kib as i64) * 1024;
+    rep.memory.server_rss_per_conn_bytes = per(rss_delta, tcp_conns);
+    rep.memory.server_rss_per_stream_bytes = per(rss_delta, connected);
     rep.memory.slab_delta_kib = sys_idle.slab_kib as i64 - sys0.slab_kib as i64;
-    rep.memory.kernel_slab_per_conn_bytes = per(rep.memory.slab_delta_kib * 1024);
+    rep.memory.kernel_slab_per_conn_bytes = per(rep.memory.slab_delta_kib * 1024, tcp_conns);
+    rep.memory.kernel_slab_per_stream_bytes = per(rep.memory.slab_delta_kib * 1024, connected);
     rep.memory.tcp_mem_delta_pages = sys_idle.tcp_mem_pages as i64 - sys0.tcp_mem_pages as i64;
-    rep.memory.tcp_mem_per_conn_bytes = per(rep.memory.tcp_mem_delta_pages * 4096);
+    rep.memory.tcp_mem_per_conn_bytes = per(rep.memory.tcp_mem_delta_pages * 4096, tcp_conns);
     rep.memory.tcp_inuse_idle = sys_idle.tcp_inuse;
     rep.memory.note = "kernel figures are system-wide deltas: on loopback both ends of each connection are counted";
 
@@ -513,9 +531,27 @@ pub fn run(opt: &Opt) -> Result<()> {
     let mut setup = new_hist();
     let (mut first_ns, mut last_ns) = (u64::MAX, 0);
     let mut lg_start_kib = 0;
+    let mut h2 = h2_negotiation.map(|how| H2Report {
+        negotiation: how.to_string(),
+        streams_per_conn: m as usize,
+        connections_requested: opt.subscribers as u64,
+        connections_established: tcp_conns,
+        ..H2Report::default()
+    });
     for r in fleet.reports.iter().flatten() {
         merge(&mut setup, &r.connect_hist);
         lg_start_kib += r.rss_start_kib;
+        if let Some(h) = h2.as_mut() {
+            for (k, v) in &r.h2_goaway {
+                *h.goaway.entry(k.clone()).or_default() += v;
+            }
+            if let Some(v) = r.h2_server_max_streams {
+                h.server_max_concurrent_streams =
+                    Some(h.server_max_concurrent_streams.map_or(v, |x| x.min(v)));
+            }
+            h.pings_answered += r.h2_pings;
+            h.window_updates_sent += r.h2_window_updates;
+        }
         for (k, v) in &r.tls_sessions {
             *rep.connect.tls_sessions.entry(k.clone()).or_default() += v;
         }
@@ -530,7 +566,15 @@ pub fn run(opt: &Opt) -> Result<()> {
     if fleet.reports.iter().any(Option::is_none) {
         rep.warnings.push("some children did not report".into());
     }
-    rep.connect.requested = opt.subscribers as u64;
+    if let Some(max) = h2.as_ref().and_then(|h| h.server_max_concurrent_streams) {
+        if u64::from(max) < m {
+            rep.warnings.push(format!(
+                "--streams-per-conn {m} is above the server's SETTINGS_MAX_CONCURRENT_STREAMS {max}: streams beyond it are refused"
+            ));
+        }
+    }
+    rep.connect.h2 = h2;
+    rep.connect.requested = opt.subscribers as u64 * m;
     rep.connect.connected = connected;
     rep.connect.children = fleet.procs.len();
     rep.connect.seconds = if last_ns > first_ns {
@@ -540,11 +584,9 @@ pub fn run(opt: &Opt) -> Result<()> {
     };
     rep.connect.per_second = connected as f64 / rep.connect.seconds.max(1e-9);
     rep.connect.setup_us = Percentiles::us(&setup);
-    if connected > 0 {
-        rep.memory.loadgen_rss_per_conn_bytes =
-            (rep.memory.loadgen_rss_idle_kib as f64 - lg_start_kib as f64) * 1024.0
-                / connected as f64;
-    }
+    let lg_delta = (rep.memory.loadgen_rss_idle_kib as i64 - lg_start_kib as i64) * 1024;
+    rep.memory.loadgen_rss_per_conn_bytes = per(lg_delta, tcp_conns);
+    rep.memory.loadgen_rss_per_stream_bytes = per(lg_delta, connected);
     fleet.stop();
 
     let sys_end = SysCounters::read();
@@ -574,10 +616,10 @@ pub fn run(opt: &Opt) -> Result<()> {
             n.retrans_connect_phase, n.listen_drops_connect_phase
         ));
     }
-    if connected < opt.subscribers as u64 {
+    if connected < opt.subscribers as u64 * m {
         rep.warnings.push(format!(
             "only {connected} of {} subscribers connected",
-            opt.subscribers
+            opt.subscribers as u64 * m
         ));
     }
     rep.valid = rep.invalid_reasons.is_empty();

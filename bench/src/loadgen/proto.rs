@@ -31,9 +31,13 @@ pub fn merge(into: &mut Histogram<u64>, b: &Buckets) {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChildMsg {
     /// Every subscriber of the child is streaming or has failed.
+    /// `ok`/`failed` count subscribers (--h2: streams); `conns` the connections with a
+    /// subscriber streaming (without --h2: = ok).
     Connected {
         ok: u64,
         failed: u64,
+        #[serde(default)]
+        conns: u64,
     },
     /// `arm E` processed: sequence tracking is ready.
     Armed,
@@ -87,4 +91,18 @@ pub struct ChildReport {
     pub seq_max_ns: Vec<u64>,
     pub seq_min_ns: Vec<u64>,
     pub seq_count: Vec<u64>,
+    /// Connections that had a subscriber streaming (--h2: a stream; else = connected).
+    #[serde(default)]
+    pub conns_ok: u64,
+    /// --h2: GOAWAYs received, by error code (`h2_goaway_NO_ERROR`).
+    #[serde(default)]
+    pub h2_goaway: BTreeMap<String, u64>,
+    /// --h2: the smallest SETTINGS_MAX_CONCURRENT_STREAMS a server connection announced.
+    #[serde(default)]
+    pub h2_server_max_streams: Option<u32>,
+    /// --h2: PINGs answered, WINDOW_UPDATEs sent.
+    #[serde(default)]
+    pub h2_pings: u64,
+    #[serde(default)]
+    pub h2_window_updates: u64,
 }

@@ -50,16 +50,43 @@ pub struct ConnectReport {
     pub setup_us: Percentiles,
     /// https:// only: "TLSv1_3 TLS13_AES_256_GCM_SHA384 full" → connections.
     pub tls_sessions: BTreeMap<String, u64>,
+    /// --h2 only: the connections under the streams (requested/connected above count
+    /// streams, the subscribers).
+    pub h2: Option<H2Report>,
+}
+
+/// --h2: N connections × M streams.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct H2Report {
+    /// "ALPN h2" (https://) or "prior knowledge" (http://, h2c).
+    pub negotiation: String,
+    pub streams_per_conn: usize,
+    pub connections_requested: u64,
+    /// Connections with at least one stream streaming after the connect phase.
+    pub connections_established: u64,
+    /// The smallest SETTINGS_MAX_CONCURRENT_STREAMS the server announced.
+    pub server_max_concurrent_streams: Option<u32>,
+    /// GOAWAYs received, by error code.
+    pub goaway: BTreeMap<String, u64>,
+    pub pings_answered: u64,
+    pub window_updates_sent: u64,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct MemoryReport {
+    /// TCP connections with a subscriber streaming after the connect phase, and those
+    /// subscribers (streams; without --h2 the two are equal). "per conn" figures divide
+    /// by the first, "per stream" ones by the second.
+    pub tcp_connections: u64,
+    pub streams: u64,
     pub server_rss_before_kib: u64,
     pub server_rss_idle_kib: u64,
     pub server_rss_per_conn_bytes: f64,
+    pub server_rss_per_stream_bytes: f64,
     pub slab_delta_kib: i64,
     /// Δ Slab / connections: both ends of each loopback connection are counted.
     pub kernel_slab_per_conn_bytes: f64,
+    pub kernel_slab_per_stream_bytes: f64,
     pub tcp_mem_delta_pages: i64,
     /// Δ sockstat TCP mem × 4096 / connections (both ends, loopback).
     pub tcp_mem_per_conn_bytes: f64,
@@ -68,6 +95,7 @@ pub struct MemoryReport {
     pub loadgen_rss_idle_kib: u64,
     /// (that − Σ the children's VmRSS before their first connect) / connected.
     pub loadgen_rss_per_conn_bytes: f64,
+    pub loadgen_rss_per_stream_bytes: f64,
     pub note: &'static str,
 }
 
@@ -393,30 +421,74 @@ impl Report {
             c.setup_us.max / 1e3
         );
         let m = &self.memory;
-        let _ = writeln!(
-            s,
-            "{:<34} {:.0} B  ({} → {} KiB)",
-            "server RSS per connection",
-            m.server_rss_per_conn_bytes,
-            m.server_rss_before_kib,
-            m.server_rss_idle_kib
-        );
-        let _ = writeln!(
-            s,
-            "{:<34} {:.0} B slab, {:.0} B tcp_mem",
-            "kernel per connection (both ends)",
-            m.kernel_slab_per_conn_bytes,
-            m.tcp_mem_per_conn_bytes
-        );
+        if let Some(h) = &c.h2 {
+            let _ = writeln!(
+                s,
+                "{:<34} {}, {}/{} connections × {} streams, server max streams {}, GOAWAY {:?}, {} PINGs answered, {} WINDOW_UPDATEs sent",
+                "h2",
+                h.negotiation,
+                h.connections_established,
+                h.connections_requested,
+                h.streams_per_conn,
+                h.server_max_concurrent_streams
+                    .map_or("-".to_string(), |v| v.to_string()),
+                h.goaway,
+                h.pings_answered,
+                h.window_updates_sent
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} {:.0} B  ({} → {} KiB, {} streams)",
+                "server RSS per stream",
+                m.server_rss_per_stream_bytes,
+                m.server_rss_before_kib,
+                m.server_rss_idle_kib,
+                m.streams
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} {:.0} B  ({} connections)",
+                "server RSS per h2 connection", m.server_rss_per_conn_bytes, m.tcp_connections
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} {:.0} B slab per stream, {:.0} B slab, {:.0} B tcp_mem per connection",
+                "kernel (both ends)",
+                m.kernel_slab_per_stream_bytes,
+                m.kernel_slab_per_conn_bytes,
+                m.tcp_mem_per_conn_bytes
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "{:<34} {:.0} B  ({} → {} KiB)",
+                "server RSS per connection",
+                m.server_rss_per_conn_bytes,
+                m.server_rss_before_kib,
+                m.server_rss_idle_kib
+            );
+            let _ = writeln!(
+                s,
+                "{:<34} {:.0} B slab, {:.0} B tcp_mem",
+                "kernel per connection (both ends)",
+                m.kernel_slab_per_conn_bytes,
+                m.tcp_mem_per_conn_bytes
+            );
+        }
         if !c.tls_sessions.is_empty() {
             let _ = writeln!(s, "{:<34} {:?}", "TLS sessions", c.tls_sessions);
         }
         let _ = writeln!(
             s,
-            "{:<34} {:.0} B  ({} KiB)",
+            "{:<34} {:.0} B  ({} KiB){}",
             "load generator RSS per connection",
             m.loadgen_rss_per_conn_bytes,
-            m.loadgen_rss_idle_kib
+            m.loadgen_rss_idle_kib,
+            if c.h2.is_some() {
+                format!(", {:.0} B per stream", m.loadgen_rss_per_stream_bytes)
+            } else {
+                String::new()
+            }
         );
         if let Some(h) = &self.hold {
             let _ = writeln!(s, "{:<34} {:.0} s: {} keep-alives (≈{:.0} expected at 15 s), {} dropped, server CPU {:.2} %", "hold", h.seconds, h.keepalives, h.keepalives_expected_15s, h.streams_dropped, h.server_cpu_pct);

@@ -1,5 +1,5 @@
 //! The load generator's TLS client: one rustls `ClientConfig` per process (roots from
-//! `--cacert`, ALPN http/1.1, browser-like suite order, full handshakes unless
+//! `--cacert`, ALPN http/1.1 (h2 with `--h2`), browser-like suite order, full handshakes unless
 //! `--tls-resume`), the server name to verify, and short names for failures and
 //! negotiated sessions as the report counts them.
 //!
@@ -80,7 +80,12 @@ impl TlsClient {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // --h2 offers h2 alone: a server without it selects nothing, which the run reports.
+        config.alpn_protocols = vec![if opt.h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         if !opt.tls_resume {
             config.resumption = Resumption::disabled();
         }
