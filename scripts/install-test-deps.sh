@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install everything herald's real-client tests need (tests/clients/):
 #   - Debian's chromium (/usr/bin/chromium), plus curl and socat if missing
+#   - for the HTTP/2 client tests: nghttp2-client (`nghttp`, `h2load`)
 #   - for the TLS client tests: openssl (test CA, `openssl s_client`) and libnss3-tools
 #     (`certutil`, to trust the test CA in a temporary NSS database for Chromium)
 #   - npm packages of tests/clients (playwright-core, eventsource) via `npm ci`
-#   - a Python venv at tests/clients/.venv with httpx, httpx-sse, pytest
+#   - a Python venv at tests/clients/.venv with httpx[http2] (h2), httpx-sse, pytest
 #
 # Idempotent, quiet on success, fast when everything is already present.
 # Works from any cwd. Never downloads a browser of its own (no `playwright install`).
@@ -44,6 +45,7 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v certutil >/dev/null 2>&1 || missing+=(libnss3-tools)
+{ command -v nghttp >/dev/null 2>&1 && command -v h2load >/dev/null 2>&1; } || missing+=(nghttp2-client)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
@@ -70,7 +72,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         run apt_install
     fi
     [ -x /usr/bin/chromium ] || { echo "install-test-deps: /usr/bin/chromium still missing" >&2; exit 1; }
-    for c in curl openssl certutil; do
+    for c in curl openssl certutil nghttp h2load; do
         command -v "$c" >/dev/null 2>&1 || { echo "install-test-deps: $c still missing" >&2; exit 1; }
     done
 fi

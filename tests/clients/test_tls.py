@@ -418,7 +418,7 @@ def test_curl_healthz_with_cacert(th, pki):
     assert r.returncode == 0, r.stderr
     body, _, info = r.stdout.rpartition("\n")
     assert body.strip() == "ok"
-    assert info == "1.1 0 200", f"HTTP/1.1 (curl offers h2 too), verified, 200: {info!r}"
+    assert info == "2 0 200", f"HTTP/2 (curl offers h2 and http/1.1: herald picks h2), verified, 200: {info!r}"
     # By name, with SNI: both certificates verify for their own name.
     for name in ("localhost", "other.test"):
         r = curl("--cacert", str(pki.ca), "--resolve", f"{name}:{th.tls_port}:127.0.0.1",
