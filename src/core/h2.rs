@@ -164,10 +164,9 @@ pub(super) struct H2Stream {
     parent: ConnId,
     send_window: i32,
     recv_window: i32,
-    /// Our HEADERS frame, until it goes into a plan (boxed: an idle stream's record stays
-    /// 48 bytes).
-    #[allow(clippy::box_collection)]
-    head: Option<Box<Bytes>>,
+    /// Our HEADERS block, until it goes into a plan (shared by every stream whose response
+    /// head is the same: see `Core::h2_head`).
+    head: Option<Bytes>,
     st: u8,
     /// The RST_STREAM code if this stream is reset by us.
     rst: Option<Code>,
@@ -1203,14 +1202,22 @@ impl<H: Default> Core<H> {
     /// Stream `c`'s response head (built for HTTP/1.1) becomes its HEADERS frame; the
     /// body, if any, is its first pending frame.
     pub(super) fn h2_response(&mut self, c: ConnId, bytes: Vec<u8>) {
-        let Some(s) = self.h2s(c) else {
+        if self.h2s(c).is_none() {
             return;
+        }
+        let end = bytes.windows(4).position(|w| w == b"\r\n\r\n");
+        let cached = match (&self.h2_head, end) {
+            (Some(hc), Some(i)) if hc.0[..] == bytes[..i + 4] => Some((hc.1.clone(), i + 4)),
+            _ => None,
         };
-        let (sid, p) = (s.sid, s.parent);
-        let max_frame = self
-            .h2c(p)
-            .map_or(wire::DEFAULT_MAX_FRAME, |h| h.peer_max_frame);
-        let Some((frame, body_at)) = wire::response_frame(&bytes, sid, false, max_frame) else {
+        let encoded = cached.or_else(|| {
+            let (block, at) = wire::response_block(&bytes, wire::DEFAULT_MAX_FRAME)?;
+            let block = Bytes::from(block);
+            // A burst of new streams on one topic share one block (refcounted).
+            self.h2_head = Some(Box::new((bytes[..at].to_vec(), block.clone())));
+            Some((block, at))
+        });
+        let Some((block, body_at)) = encoded else {
             tracing::warn!(
                 worker = self.id,
                 conn = c,
@@ -1222,16 +1229,18 @@ impl<H: Default> Core<H> {
             return self.close(c);
         };
         if let Some(s) = self.h2s_mut(c) {
-            s.head = Some(Box::new(Bytes::from(frame)));
+            s.head = Some(block);
             if s.st & st::REMOTE_END == 0 {
                 // The rest of a request body answered early is not wanted.
                 s.st |= st::DISCARD;
             }
         }
-        let has_body = body_at < bytes.len();
         if let Some(conn) = self.conns.get_mut(c as usize) {
-            if has_body {
-                conn.pre.push_back(Bytes::from(bytes).slice(body_at..));
+            if body_at < bytes.len() {
+                // Its own copy: a slice would keep the whole HTTP/1.1 head alive until the
+                // body is written, and a burst of new streams would hold hundreds of them.
+                conn.pre
+                    .push_back(Bytes::copy_from_slice(&bytes[body_at..]));
             }
         }
     }
@@ -1334,15 +1343,17 @@ impl<H: Default> Core<H> {
                 continue;
             };
             let sid = s.sid;
-            let head = s.head.take().map(|b| *b);
+            let head = s.head.take();
             if head.is_some() {
                 s.st |= st::HEAD_SENT;
             }
             let head_sent = s.st & st::HEAD_SENT != 0;
             let stream_window = s.send_window.max(0) as usize;
-            if let Some(hf) = head {
+            if let Some(block) = head {
                 if let Some(h) = self.h2c_mut(p) {
-                    h.plan.push(Seg::Frames(hf));
+                    let hdr = wire::head(block.len(), kind::HEADERS, fl::END_HEADERS, sid);
+                    h.plan.push(Seg::Hdr(hdr));
+                    h.plan.push(Seg::Frames(block));
                 }
             }
             if !head_sent {
@@ -1613,7 +1624,7 @@ mod tests {
         // With the child's connection record, the side-table slot and its entry in the
         // connection's stream list, this is what an idle h2 stream adds over an HTTP/1.1
         // subscriber (the bench measures the whole of it).
-        assert!(std::mem::size_of::<super::H2Stream>() <= 48);
+        assert!(std::mem::size_of::<super::H2Stream>() <= 72);
         assert!(std::mem::size_of::<Option<super::H2Side>>() <= 16);
     }
 }

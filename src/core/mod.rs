@@ -373,6 +373,9 @@ pub struct Core<H> {
     /// HTTP/2 connection and stream state by connection id (empty until the first h2
     /// connection).
     h2: Vec<Option<h2::H2Side>>,
+    /// The last HTTP/1.1 response head turned into an HPACK block, and the block.
+    #[allow(clippy::type_complexity)]
+    h2_head: Option<Box<(Vec<u8>, Bytes)>>,
 }
 
 impl<H: Default> Core<H> {
@@ -416,6 +419,7 @@ impl<H: Default> Core<H> {
             by_jti: std::collections::HashMap::new(),
             log: Default::default(),
             h2: Vec::new(),
+            h2_head: None,
             shared,
         }
     }

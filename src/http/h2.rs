@@ -239,6 +239,16 @@ fn connection_specific(name: &str) -> bool {
 /// A response built for HTTP/1.1 as an h2 HEADERS frame on stream `sid` (END_STREAM when
 /// `end`), and the offset of its body in `h1`. None if `h1` is not a whole response head.
 pub fn response_frame(h1: &[u8], sid: u32, end: bool, max_frame: u32) -> Option<(Vec<u8>, usize)> {
+    let (block, body_at) = response_block(h1, max_frame)?;
+    let mut f = Vec::with_capacity(FRAME_HEADER_LEN + block.len());
+    let fl = flags::END_HEADERS | if end { flags::END_STREAM } else { 0 };
+    frame(&mut f, kind::HEADERS, fl, sid, &block);
+    Some((f, body_at))
+}
+
+/// A response built for HTTP/1.1 as an HPACK block (the payload of its HEADERS frame),
+/// and the offset of its body in `h1`. The block depends on nothing but `h1`'s head.
+pub fn response_block(h1: &[u8], max_frame: u32) -> Option<(Vec<u8>, usize)> {
     let mut hs = [httparse::EMPTY_HEADER; 32];
     let mut r = httparse::Response::new(&mut hs);
     let httparse::Status::Complete(body_at) = r.parse(h1).ok()? else {
@@ -257,10 +267,7 @@ pub fn response_frame(h1: &[u8], sid: u32, end: bool, max_frame: u32) -> Option<
         // herald's own heads are a few hundred bytes; never split one.
         return None;
     }
-    let mut f = Vec::with_capacity(FRAME_HEADER_LEN + block.len());
-    let fl = flags::END_HEADERS | if end { flags::END_STREAM } else { 0 };
-    frame(&mut f, kind::HEADERS, fl, sid, &block);
-    Some((f, body_at))
+    Some((block, body_at))
 }
 
 // ---- requests -------------------------------------------------------------------------
