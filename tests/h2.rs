@@ -210,6 +210,91 @@ fn large_events_are_split_into_frames_and_arrive_whole_through_a_small_socket() 
 }
 
 #[test]
+fn a_reset_while_its_frames_are_in_a_blocked_write_corrupts_no_sibling() {
+    // The server's socket fills (a 4 KiB receive buffer, nothing read), so its write of
+    // the big stream's frames is in flight or blocked when the client resets that
+    // stream; the stream must stay whole in the plan until written, then go.
+    let Some(s) = server(|_| {}) else {
+        return;
+    };
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let tcp: std::net::TcpStream = sock.into();
+    short_timeouts(&tcp);
+    let mut h = H2::handshake(tcp, &[(INITIAL_WINDOW_SIZE, 1 << 30)], 1 << 30);
+    let big = h.get("/events/rbig", &[]);
+    let small = h.get("/events/rsmall", &[]);
+    h.until("heads", |h| {
+        h.stream(big).status.is_some() && h.stream(small).status.is_some()
+    });
+    wait_streams(s.addr, 2);
+    let lines: Vec<String> = (0..10)
+        .map(|i| event_line("rbig", &format!("{i}:{}", "y".repeat(60_000))))
+        .collect();
+    ingest(s.ingest, &lines);
+    // Nothing read: the server's write is stuck on a full socket. Reset the big stream.
+    wait_for("the big stream's events pending", || {
+        metric(s.addr, "herald_fanout_backlog_bytes") > 0
+    });
+    h.send_frame(RST_STREAM, 0, big, &CANCEL.to_be_bytes());
+    for i in 0..3 {
+        publish(&s, "rsmall", &format!("small-{i}"));
+    }
+    h.until("the small stream's events", |h| h.events(small) == 3);
+    let evs: Vec<&str> = h
+        .stream(small)
+        .events
+        .iter()
+        .map(|e| e.data.as_str())
+        .collect();
+    assert_eq!(evs, ["small-0", "small-1", "small-2"]);
+    // Whatever of the big stream arrived is whole events (its frames were not cut).
+    for e in &h.stream(big).events {
+        assert_eq!(e.data.len(), 2 + 60_000, "a whole event");
+    }
+    assert!(h.goaway.is_none());
+    wait_for("the reset stream released", || {
+        metric(s.addr, "herald_h2_streams_open") == 1
+    });
+}
+
+#[test]
+fn drain_with_a_stream_window_shut_ends_the_others_cleanly_and_cuts_it() {
+    let Some(s) = server(|c| c.drain_window = Duration::from_millis(400)) else {
+        return;
+    };
+    let mut h = H2::connect_with(s.addr, &[(INITIAL_WINDOW_SIZE, 300)], 1 << 30);
+    let stuck = h.get("/events/dstuck", &[]);
+    let live = h.get("/events/dlive", &[]);
+    h.hold.push(stuck);
+    h.until("heads", |h| {
+        h.stream(stuck).status.is_some() && h.stream(live).status.is_some()
+    });
+    wait_streams(s.addr, 2);
+    for _ in 0..4 {
+        publish(&s, "dstuck", &"s".repeat(200));
+    }
+    publish(&s, "dlive", "live");
+    h.until("the live event", |h| h.events(live) == 1);
+    let stopper = std::thread::spawn(move || s.stop());
+    h.until("the connection to end", |h| h.closed);
+    stopper.join().unwrap();
+    assert_eq!(h.goaway.map(|g| g.1), Some(NO_ERROR));
+    let l = h.stream(live);
+    assert!(
+        l.ended && l.reset.is_none() && l.parser.retry.is_some(),
+        "live stream ended cleanly"
+    );
+    let st = h.stream(stuck);
+    assert!(
+        !st.ended || st.reset.is_some(),
+        "the stuck stream was not ended as if complete"
+    );
+    assert!(h.events(stuck) < 4, "its window held it back");
+}
+
+#[test]
 fn a_stream_with_its_window_shut_is_reset_and_its_siblings_keep_receiving() {
     let Some(s) = server(|c| c.write_timeout = Duration::from_millis(600)) else {
         return;
