@@ -189,6 +189,10 @@ impl Server {
             // An error if the host worker exited first: its ingest went with it.
             let _ = done.recv();
         }
+        // Then the Redis reader: the workers flush what it has handed them.
+        if let Some(c) = self.shared.cluster.as_ref() {
+            c.stop();
+        }
         self.shared.stop.store(true, Ordering::Release);
         self.shared.hub.wake_all();
         for w in self.workers.drain(..) {
@@ -198,9 +202,6 @@ impl Server {
             if result.is_ok() {
                 result = r;
             }
-        }
-        if let Some(c) = self.shared.cluster.as_ref() {
-            c.stop();
         }
         if let Some(auth) = self.shared.auth.as_ref() {
             auth.stop();

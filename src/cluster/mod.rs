@@ -38,7 +38,7 @@ use crate::sse::event::{Publish, PublishError};
 /// Entries one `XREAD` takes.
 const READ_COUNT: usize = 1024;
 /// How long one `XREAD` blocks; an idle reader checks the epoch this often.
-const BLOCK_MS: u64 = 1000;
+const BLOCK_MS: u64 = 500;
 /// How long the reader waits for a reply (a blocked `XREAD` answers within BLOCK_MS).
 const READ_TIMEOUT: Duration = Duration::from_millis(BLOCK_MS + 2000);
 /// How long a connect may take before the attempt counts as failed.
@@ -169,7 +169,10 @@ impl Answer {
             Err(PubError::Invalid(e @ PublishError::TooManyTopics { .. })) => {
                 let body = format!("{}\n", serde_json::json!({ "error": e.to_string() }));
                 let extra = format!("Retry-After: 60\r\n{cors}");
-                (false, simple(503, json, body.as_bytes(), &extra, keep, false))
+                (
+                    false,
+                    simple(503, json, body.as_bytes(), &extra, keep, false),
+                )
             }
             Err(PubError::Invalid(e)) => {
                 let body = format!("{}\n", serde_json::json!({ "error": e.to_string() }));
@@ -178,7 +181,10 @@ impl Answer {
             Err(e @ PubError::Unavailable(_)) => {
                 let body = format!("{}\n", serde_json::json!({ "error": e.to_string() }));
                 let extra = format!("Retry-After: 1\r\n{cors}");
-                (false, simple(503, json, body.as_bytes(), &extra, keep, false))
+                (
+                    false,
+                    simple(503, json, body.as_bytes(), &extra, keep, false),
+                )
             }
         };
         Answer {
@@ -352,10 +358,9 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(cfg: &ClusterConfig, history_age: Duration) -> Result<Cluster, String> {
-        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(
-            cfg.url.as_str(),
-        )
-        .map_err(|e| format!("--cluster: {e}"))?;
+        let mut info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
+                .map_err(|e| format!("--cluster: {e}"))?;
         if let Some(path) = &cfg.password_file {
             let pw = std::fs::read_to_string(path)
                 .map_err(|e| format!("--cluster-password-file {}: {e}", path.display()))?;
@@ -448,9 +453,9 @@ impl Cluster {
                 if slot.is_some() {
                     continue;
                 }
-                let r = replies
-                    .next()
-                    .unwrap_or_else(|| Err(redis::RedisError::from(std::io::Error::other("no reply"))));
+                let r = replies.next().unwrap_or_else(|| {
+                    Err(redis::RedisError::from(std::io::Error::other("no reply")))
+                });
                 *slot = Some(match r.map(|v| accepted(&v)) {
                     Ok(Some((sid, epoch))) => {
                         self.stats.publishes.fetch_add(1, Ordering::Relaxed);
@@ -502,7 +507,12 @@ impl Cluster {
             .arg(self.min_age_ms);
         match it {
             Item::Publish(p) => {
-                cmd.arg("k").arg("p").arg("t").arg(&p.topic).arg("d").arg(&p.data);
+                cmd.arg("k")
+                    .arg("p")
+                    .arg("t")
+                    .arg(&p.topic)
+                    .arg("d")
+                    .arg(&p.data);
                 if let Some(v) = &p.event {
                     cmd.arg("v").arg(v);
                 }
@@ -664,7 +674,9 @@ impl Cluster {
         if let Some(ms) = block {
             cmd.arg("BLOCK").arg(ms);
         }
-        cmd.arg("STREAMS").arg(&self.stream).arg(pos.last.to_string());
+        cmd.arg("STREAMS")
+            .arg(&self.stream)
+            .arg(pos.last.to_string());
         let v: Value = cmd.query(con)?;
         let entries = match &v {
             Value::Array(streams) => streams
@@ -692,7 +704,9 @@ impl Cluster {
             return Ok(0);
         }
         let n = entries.len();
-        self.stats.events_read.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats
+            .events_read
+            .fetch_add(n as u64, Ordering::Relaxed);
         let mut batch = shared.hub.batch();
         for e in entries {
             let Some((sid, fields)) = entry(e) else {
@@ -861,17 +875,26 @@ impl Cluster {
                     Err(_) => break,
                 }
             }
-            let items: Vec<Item> = jobs.iter().map(|j| Item::Publish(j.publish.clone())).collect();
+            let items: Vec<Item> = jobs
+                .iter()
+                .map(|j| Item::Publish(j.publish.clone()))
+                .collect();
             let results = publisher.publish(&items);
             for (job, r) in jobs.into_iter().zip(results) {
                 let answer = Answer::for_publish(job.conn, job.gen, job.keep, &job.cors, r);
-                shared.hub.deliver(job.worker, BusMsg::Answer(Box::new(answer)));
+                shared
+                    .hub
+                    .deliver(job.worker, BusMsg::Answer(Box::new(answer)));
             }
         }
     }
 
     /// Start the reader and the HTTP publishing thread.
-    pub fn spawn(self: &Arc<Self>, shared: &Arc<Shared>, start: ReaderStart) -> std::io::Result<()> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        start: ReaderStart,
+    ) -> std::io::Result<()> {
         let (tx, rx) = mpsc::channel();
         *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());

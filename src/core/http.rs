@@ -212,7 +212,11 @@ impl<H: Default> Core<H> {
                 // nothing new: a load balancer should send new clients elsewhere.
                 Some(cl) if !cl.link_up() => self.respond(
                     c,
-                    simple(503, "text/plain", b"degraded: cluster link to redis is down\n"),
+                    simple(
+                        503,
+                        "text/plain",
+                        b"degraded: cluster link to redis is down\n",
+                    ),
                     keep,
                 ),
                 _ => self.respond(c, simple(200, "text/plain", b"ok\n"), keep),

@@ -36,9 +36,7 @@ impl<H: Default> Core<H> {
                     self.start_drain(c, true, i as u64 * window / n)
                 }
                 Phase::Head | Phase::Body => self.close(c),
-                Phase::Respond | Phase::Await => {
-                    self.conns[c as usize].flags &= !flag::KEEP_ALIVE
-                }
+                Phase::Respond | Phase::Await => self.conns[c as usize].flags &= !flag::KEEP_ALIVE,
                 // GOAWAY now; its streams drain like any other, then it closes.
                 Phase::H2 => self.h2_drain(c),
                 Phase::Drain | Phase::Closing => {}

@@ -332,7 +332,9 @@ impl State {
         }
         let epoch = self.epoch.as_deref()?;
         let (_, e) = id.rsplit_once('-')?;
-        (e == epoch).then(|| super::topic::position_of(id)).flatten()
+        (e == epoch)
+            .then(|| super::topic::position_of(id))
+            .flatten()
     }
 }
 
@@ -440,6 +442,9 @@ impl Hub {
             std::thread::sleep(Duration::from_micros(200));
         };
         let mut st = st;
+        // The gap takes a sequence of its own: whatever was lost lies at or below it, so a
+        // resume from the last event before it is told (and the next event is above it).
+        st.last_seq += 1;
         st.gap_floor = st.last_seq;
         let after = (!st.last_id.is_empty()).then(|| st.last_id.to_string());
         let data = serde_json::json!({ "reason": reason, "after": after }).to_string();
@@ -737,7 +742,14 @@ impl Hub {
         if out.closed {
             return out;
         }
-        let found = known().find_map(|t| t.history.find_id(last_id));
+        // With --cluster, an id of herald's own from another epoch is from data Redis no
+        // longer has: never a position, even if an event here still carries it.
+        let foreign = self.is_cluster()
+            && super::topic::position_of(last_id).is_some()
+            && st.position(last_id, true).is_none();
+        let found = known()
+            .filter(|_| !foreign)
+            .find_map(|t| t.history.find_id(last_id));
         let (after, known_id) = match found {
             Some(seq) => (seq, true),
             None => match st.position(last_id, self.is_cluster()) {
@@ -1155,6 +1167,96 @@ mod tests {
             assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 3);
         }
         assert_eq!(h.stats.gaps.load(Ordering::Relaxed), 3);
+    }
+
+    /// A cluster node's hub fed entry `ms-n` of epoch `epoch`, as the reader does.
+    fn feed(h: &Hub, ms: u64, n: u64, epoch: &str) -> String {
+        let id = format!("{ms}-{n}-{epoch}");
+        let p = Publish {
+            topic: "a".into(),
+            data: "x".into(),
+            event: None,
+            id: None,
+            retry: None,
+        };
+        let seq = crate::fanout::topic::cluster_seq(ms, n);
+        h.batch().publish_at(seq, id.as_str().into(), p).unwrap();
+        id
+    }
+
+    #[test]
+    fn cluster_ids_resume_only_within_their_epoch_and_never_past_what_was_read() {
+        let h = hub();
+        h.set_cluster();
+        h.set_epoch(Some("e1"));
+        let ids: Vec<String> = (0..3)
+            .map(|n| feed(&h, 1_764_000_000_000, n, "e1"))
+            .collect();
+        // Retained ids, including one whose event was not kept by herald but is a position
+        // in the epoch at or after what is retained: no gap.
+        let mut at = h.attach(0, &["a".into()], Some(&ids[0]));
+        assert!(at.gap.is_none());
+        let got: Vec<String> = h
+            .replay_all(&["a".into()], &mut at)
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        assert_eq!(got, ids[1..]);
+        // Another epoch's id, a position not read yet, a plain number: gap, then all.
+        for id in [
+            "1764000000000-0-e0",
+            "1764000000001-0-e1",
+            "1764000000000000000",
+        ] {
+            let mut at = h.attach(0, &["a".into()], Some(id));
+            assert!(at.gap.is_some(), "{id} resumed without a gap");
+            assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 3, "{id}");
+        }
+    }
+
+    #[test]
+    fn a_live_gap_reaches_every_worker_and_a_resume_from_before_it_is_told() {
+        let h = hub();
+        h.set_cluster();
+        h.set_epoch(Some("e1"));
+        let _ = h.attach(0, &["a".into()], None);
+        let before = feed(&h, 1_764_000_000_000, 0, "e1");
+        h.live_gap("epoch");
+        h.set_epoch(Some("e2"));
+        let after = feed(&h, 1_764_000_000_005, 0, "e2");
+        let msgs: Vec<BusMsg> = std::iter::from_fn(|| h.inbox(1).pop()).collect();
+        assert!(
+            matches!(msgs.as_slice(), [BusMsg::Gap(_)]),
+            "a worker with no subscriber still gets the gap, and nothing else: {msgs:?}"
+        );
+        let msgs: Vec<BusMsg> = std::iter::from_fn(|| h.inbox(0).pop()).collect();
+        let kinds: Vec<&str> = msgs
+            .iter()
+            .map(|m| match m {
+                BusMsg::Event(_) => "event",
+                BusMsg::Gap(g) => std::str::from_utf8(g.frame.body())
+                    .unwrap()
+                    .split('\n')
+                    .next()
+                    .unwrap(),
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["event", "event: herald-gap", "event"]);
+        // The old epoch's id is told about the gap; the replay is what came after it.
+        let mut at = h.attach(0, &["a".into()], Some(&before));
+        let gap = at.gap.take().expect("gap signalled");
+        let body = std::str::from_utf8(gap.body()).unwrap();
+        assert!(body.contains(&format!("\"oldest\":\"{after}\"")), "{body}");
+        let got: Vec<String> = h
+            .replay_all(&["a".into()], &mut at)
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        assert_eq!(got, [after.clone()]);
+        let mut at = h.attach(0, &["a".into()], Some(&after));
+        assert!(at.gap.is_none());
+        assert!(h.replay_all(&["a".into()], &mut at).is_empty());
     }
 
     #[test]

@@ -553,7 +553,14 @@ impl Ingest {
                 lines.push(parse(f, max_line));
             }
             if !lines.is_empty() {
-                run(shared, stats, lines, &mut p.out, make_room, cluster.as_mut());
+                run(
+                    shared,
+                    stats,
+                    lines,
+                    &mut p.out,
+                    make_room,
+                    cluster.as_mut(),
+                );
             }
         }
         match flush(p) {
@@ -632,7 +639,14 @@ fn handle_lines(
             p.lines_pending = false;
             return;
         }
-        run(shared, stats, lines, &mut p.out, make_room, cluster.as_deref_mut());
+        run(
+            shared,
+            stats,
+            lines,
+            &mut p.out,
+            make_room,
+            cluster.as_deref_mut(),
+        );
     }
 }
 
