@@ -1253,7 +1253,7 @@ mod tests {
             .iter()
             .map(|e| e.id.to_string())
             .collect();
-        assert_eq!(got, [after.clone()]);
+        assert_eq!(got, std::slice::from_ref(&after));
         let mut at = h.attach(0, &["a".into()], Some(&after));
         assert!(at.gap.is_none());
         assert!(h.replay_all(&["a".into()], &mut at).is_empty());
