@@ -468,6 +468,8 @@ pub struct Cluster {
     pub stats: ClusterStats,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     fetches: Mutex<Option<mpsc::Sender<Fetch>>>,
+    /// Wall time (ms) when this node was set up: entries older than that are history.
+    started_ms: u64,
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -498,6 +500,7 @@ impl Cluster {
             stats: ClusterStats::default(),
             jobs: Mutex::new(None),
             fetches: Mutex::new(None),
+            started_ms: now_ms(),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
         })
@@ -990,7 +993,10 @@ impl Cluster {
                     let Some((p, id)) = publish_of(sid, &fields) else {
                         continue;
                     };
-                    if let Err(e) = batch.publish_at(sid.seq(), id, p) {
+                    // Published before this node served anyone: history, not news (a
+                    // node that started while Redis was down catches up with it later).
+                    let past = sid.ms < self.started_ms;
+                    if let Err(e) = batch.publish_at(sid.seq(), id, p, past) {
                         tracing::debug!(id = %sid, error = %e, "cluster: stream entry refused");
                     }
                 }
