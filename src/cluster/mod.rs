@@ -529,7 +529,7 @@ impl Cluster {
             return out.into_iter().flatten().collect();
         }
         for attempt in 0..2 {
-            if let Err(e) = link.get(&self.client) {
+            if let Err(e) = self.connected(link) {
                 return self.fail_rest(out, &e);
             }
             if !link.loaded {
@@ -596,6 +596,15 @@ impl Cluster {
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(PubError::Unavailable("not sent".into()))))
             .collect()
+    }
+
+    /// A publisher's or fetcher's connection: while the reader's link is up, Redis is
+    /// known to answer, so a backoff left from an outage is cut short.
+    fn connected<'l>(&self, link: &'l mut Link) -> Result<&'l mut redis::Connection, String> {
+        if link.con.is_none() && self.link_up() {
+            link.retry_at = Instant::now();
+        }
+        link.get(&self.client)
     }
 
     fn fail_rest(
@@ -727,8 +736,8 @@ impl Cluster {
         f: &Fetch,
         epoch: Option<&str>,
     ) -> RedisResult<(ReplayBatch, u64, EventId)> {
-        let con = link
-            .get(&self.client)
+        let con = self
+            .connected(link)
             .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
         let mut out = ReplayBatch::default();
         let mut last_id = f.last_id.clone();
