@@ -50,7 +50,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect backoff bounds (jittered).
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Entries one run of the publish script appends, at most (a run blocks Redis while it
 /// lasts) ...
 const ENTRIES_PER_RUN: usize = 256;
