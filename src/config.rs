@@ -215,6 +215,20 @@ pub struct Settings {
     /// [default: off]
     #[arg(long)]
     pub access_log: Option<String>,
+    /// Scale out over a Redis Stream: redis://[:PASSWORD@]HOST:PORT[/DB]; every node
+    /// delivers what any node published, with the same ids [default: off]
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Prefix of the Redis keys (`PREFIX:events`, `PREFIX:epoch`) [default: herald]
+    #[arg(long)]
+    pub cluster_prefix: Option<String>,
+    /// File holding the Redis password (instead of putting it in the URL) [default: none]
+    #[arg(long)]
+    pub cluster_password_file: Option<PathBuf>,
+    /// Approximate most entries the Redis Stream keeps (besides --history-age)
+    /// [default: 100000]
+    #[arg(long)]
+    pub cluster_max_len: Option<usize>,
     /// io_uring: direct descriptors per ring; a worker opens another ring when one is
     /// full [default: the open-files limit, the kernel's cap]
     #[arg(long)]
@@ -270,6 +284,11 @@ pub struct Config {
     pub access_log: Option<AccessLogTarget>,
     pub uring_table: Option<u32>,
     pub uring_rings: usize,
+    /// `--cluster`: the Redis URL (it may hold the password: never log it).
+    pub cluster: Option<String>,
+    pub cluster_prefix: String,
+    pub cluster_password_file: Option<PathBuf>,
+    pub cluster_max_len: usize,
 }
 
 /// Where the access log goes.
@@ -328,6 +347,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The `--cluster` settings, when it is on.
+    pub fn cluster_config(&self) -> Option<crate::cluster::ClusterConfig> {
+        Some(crate::cluster::ClusterConfig {
+            url: self.cluster.clone()?,
+            prefix: self.cluster_prefix.clone(),
+            password_file: self.cluster_password_file.clone(),
+            max_len: self.cluster_max_len,
+        })
+    }
+
     /// Merge flags over the TOML file at `path` (if any) over the defaults.
     pub fn load(flags: Settings, path: Option<&Path>) -> Result<Config, ConfigError> {
         let file = match path {
@@ -429,7 +458,40 @@ impl Config {
             },
             uring_table: s.uring_table,
             uring_rings: s.uring_rings.unwrap_or(64),
+            cluster: s.cluster.filter(|u| !u.is_empty() && u != "off"),
+            cluster_prefix: s.cluster_prefix.unwrap_or_else(|| "herald".to_string()),
+            cluster_password_file: s.cluster_password_file,
+            cluster_max_len: s.cluster_max_len.unwrap_or(100_000),
         };
+        if let Some(u) = &cfg.cluster {
+            if !u.starts_with("redis://") {
+                return Err(value(
+                    "cluster",
+                    "must be a redis://[:PASSWORD@]HOST:PORT[/DB] URL",
+                ));
+            }
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
+                // The error names the part that is wrong, never the password.
+                return Err(value("cluster", format!("not a Redis URL: {:?}", e.kind())));
+            }
+        }
+        if cfg.cluster_prefix.is_empty()
+            || !cfg
+                .cluster_prefix
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+        {
+            return Err(value(
+                "cluster-prefix",
+                "must be printable ASCII without spaces or braces",
+            ));
+        }
+        if cfg.cluster_max_len < 1000 {
+            return Err(value("cluster-max-len", "must be at least 1000"));
+        }
+        if cfg.cluster.is_none() && cfg.cluster_password_file.is_some() {
+            return Err(value("cluster-password-file", "needs --cluster"));
+        }
         match (cfg.listen, cfg.tls_listen, cfg.tls_certs.is_empty()) {
             (None, None, _) => {
                 return Err(value(
@@ -536,6 +598,10 @@ impl Settings {
             access_log,
             uring_table,
             uring_rings,
+            cluster,
+            cluster_prefix,
+            cluster_password_file,
+            cluster_max_len,
         )
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod engine;
@@ -97,12 +98,26 @@ pub fn start(config: Config) -> io::Result<Server> {
         .map(access_log::AccessLog::start)
         .transpose()
         .map_err(|e| io::Error::new(e.kind(), format!("access log: {e}")))?;
-    let shared = Shared::with_all(config, tls, auth, access_log);
+    let cluster = config
+        .cluster_config()
+        .map(|c| cluster::Cluster::new(&c, config.history_age))
+        .transpose()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+        .map(Arc::new);
+    let shared = Shared::with_all(config, tls, auth, access_log, cluster);
     let jwks = shared.auth.as_ref().and_then(|a| {
         let s = shared.clone();
         a.spawn_jwks(Box::new(move || s.hub.wake_all()))
     });
-    if let Some(path) = shared.config.history_file.as_ref() {
+    let history_file = shared
+        .config
+        .history_file
+        .as_ref()
+        .filter(|_| shared.cluster.is_none());
+    if shared.cluster.is_some() && shared.config.history_file.is_some() {
+        tracing::warn!("--history-file is not used with --cluster: history comes from redis");
+    }
+    if let Some(path) = history_file {
         match shared.hub.load_history(path) {
             Ok(n) => tracing::info!(path = %path.display(), events = n, "history loaded"),
             Err(e) => {
@@ -110,8 +125,24 @@ pub fn start(config: Config) -> io::Result<Server> {
             }
         }
     }
+    if let Some(c) = shared.cluster.as_ref() {
+        tracing::info!(redis = %c.endpoint, prefix = %shared.config.cluster_prefix, "cluster: publishing and reading through redis");
+        let start = c.catch_up(&shared);
+        c.spawn(&shared, start)?;
+    }
     let (done, ingest_done) = std::sync::mpsc::channel();
     let ingest = Ingest::new(shared.clone(), sockets, done)?;
+    // With --cluster a publish waits on Redis: ingest gets a thread of its own, so no
+    // worker ever waits on it.
+    let ingest = match shared.cluster {
+        Some(_) => {
+            std::thread::Builder::new()
+                .name("herald-ingest".into())
+                .spawn(move || ingest.run_alone())?;
+            None
+        }
+        None => Some(ingest),
+    };
     let workers = engine::spawn_workers(&shared, backend, listeners, ingest)?;
     Ok(Server {
         shared,
@@ -158,6 +189,10 @@ impl Server {
             // An error if the host worker exited first: its ingest went with it.
             let _ = done.recv();
         }
+        // Then the Redis reader: the workers flush what it has handed them.
+        if let Some(c) = self.shared.cluster.as_ref() {
+            c.stop();
+        }
         self.shared.stop.store(true, Ordering::Release);
         self.shared.hub.wake_all();
         for w in self.workers.drain(..) {
@@ -177,7 +212,13 @@ impl Server {
         if let Some(log) = self.shared.access_log.as_ref() {
             log.finish();
         }
-        if let Some(path) = self.shared.config.history_file.as_ref() {
+        let history_file = self
+            .shared
+            .config
+            .history_file
+            .as_ref()
+            .filter(|_| self.shared.cluster.is_none());
+        if let Some(path) = history_file {
             match self.shared.hub.save_history(path) {
                 Ok(n) => tracing::info!(path = %path.display(), events = n, "history saved"),
                 Err(e) => {

@@ -213,6 +213,58 @@ pub fn render_auth(out: &mut String, auth: &crate::auth::Auth) {
     }
 }
 
+/// The Redis link's figures (`--cluster`).
+pub fn render_cluster(out: &mut String, c: &crate::cluster::Cluster) {
+    let s = &c.stats;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "cluster_link_up",
+            "gauge",
+            "1 while the reader's link to Redis is up",
+            u64::from(c.link_up()),
+        ),
+        (
+            "cluster_lag_ms",
+            "gauge",
+            "Age of the last stream entry read when it was read, in ms (0 when caught up and idle)",
+            get(&s.lag_ms),
+        ),
+        (
+            "cluster_reconnects_total",
+            "counter",
+            "Times the reader connected to Redis again after losing it",
+            get(&s.reconnects),
+        ),
+        (
+            "cluster_gaps_total",
+            "counter",
+            "Live herald-gap signals: Redis lost or trimmed entries before this node read them",
+            get(&s.gaps),
+        ),
+        (
+            "cluster_publish_errors_total",
+            "counter",
+            "Publishes refused because Redis did not accept them",
+            get(&s.publish_errors),
+        ),
+        (
+            "cluster_publishes_total",
+            "counter",
+            "Publishes Redis accepted from this node",
+            get(&s.publishes),
+        ),
+        (
+            "cluster_events_read_total",
+            "counter",
+            "Stream entries the reader took from Redis",
+            get(&s.events_read),
+        ),
+    ] {
+        row(out, name, kind, help, v);
+    }
+}
+
 /// The access log's process-wide figures.
 pub fn render_access_log(out: &mut String, log: &crate::access_log::AccessLog) {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);

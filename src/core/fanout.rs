@@ -207,7 +207,38 @@ impl<H: Default> Core<H> {
             BusMsg::Event(ev) => self.handle_event(ev),
             BusMsg::Close(name) => self.handle_topic_close(&name),
             BusMsg::Revoke(what, at) => self.handle_revoke(&what, at),
+            BusMsg::Gap(ev) => self.handle_gap(ev),
+            BusMsg::Answer(a) => self.handle_answer(*a),
         }
+    }
+
+    /// Events were lost upstream (`--cluster`): every stream here gets `ev`, the
+    /// `herald-gap`, in order after what it was sent before.
+    fn handle_gap(&mut self, ev: Arc<Event>) {
+        let live: Vec<u32> = self
+            .topics
+            .ids()
+            .filter(|&t| !self.topics[t as usize].subs.is_empty())
+            .collect();
+        for t in live {
+            self.fan_out(t, ev.clone());
+        }
+    }
+
+    /// Redis's answer to a `POST /publish` handed over (`--cluster`), for a connection
+    /// still waiting for it.
+    fn handle_answer(&mut self, a: crate::cluster::Answer) {
+        let waiting = self
+            .conns
+            .get(a.conn as usize)
+            .is_some_and(|cn| cn.gen == a.gen && cn.phase == Phase::Await);
+        if !waiting {
+            return;
+        }
+        if a.ok {
+            self.counters.http_publishes += 1;
+        }
+        self.respond(a.conn, a.response, a.keep);
     }
 
     /// Block-ready check: returns false if the inbox got something meanwhile.
@@ -226,6 +257,12 @@ impl<H: Default> Core<H> {
         let Some(t) = self.topics.id(&ev.topic) else {
             return;
         };
+        self.fan_out(t, ev);
+    }
+
+    /// Append `ev` to local topic `t`'s log and mark its subscribers ready (or cut the
+    /// ones too far behind).
+    fn fan_out(&mut self, t: u32, ev: Arc<Event>) {
         let max_backlog = self.shared.config.max_backlog as u64;
         let topic = &mut self.topics[t as usize];
         self.counters.fanout_backlog_bytes += ev.wire_len() as u64;

@@ -35,8 +35,8 @@ impl<H: Default> Core<H> {
             // A subscriber has nothing more to say; whatever it sends is dropped.
             Phase::Stream | Phase::Drain => return ReadOutcome::Continue,
             // An h2 stream carries one request.
-            Phase::Respond if conn.has(flag::H2S) => return ReadOutcome::Continue,
-            Phase::Respond => {
+            Phase::Respond | Phase::Await if conn.has(flag::H2S) => return ReadOutcome::Continue,
+            Phase::Respond | Phase::Await => {
                 // Pipelined request: keep it (bounded) until the response is written.
                 let rb = conn.rbuf.get_or_insert_with(Box::default);
                 if rb.buf.len() + data.len() > self.limits.max_head + self.limits.max_body {
@@ -80,7 +80,7 @@ impl<H: Default> Core<H> {
             return;
         };
         match conn.phase {
-            Phase::Respond => conn.flags |= flag::PEER_EOF,
+            Phase::Respond | Phase::Await => conn.flags |= flag::PEER_EOF,
             Phase::Closing => {}
             _ => self.close_for(c, super::auth::EndReason::Client),
         }
@@ -207,7 +207,20 @@ impl<H: Default> Core<H> {
         let simple =
             |status, ct: &str, body: &[u8]| response::simple(status, ct, body, "", keep, head_only);
         match req.route {
-            Route::Health => self.respond(c, simple(200, "text/plain", b"ok\n"), keep),
+            Route::Health => match self.shared.cluster.as_ref() {
+                // A node cut off from Redis still serves its open streams but delivers
+                // nothing new: a load balancer should send new clients elsewhere.
+                Some(cl) if !cl.link_up() => self.respond(
+                    c,
+                    simple(
+                        503,
+                        "text/plain",
+                        b"degraded: cluster link to redis is down\n",
+                    ),
+                    keep,
+                ),
+                _ => self.respond(c, simple(200, "text/plain", b"ok\n"), keep),
+            },
             Route::Metrics => {
                 let backend = self.shared.backend.get().copied().unwrap_or("unknown");
                 let mut text =
@@ -220,6 +233,9 @@ impl<H: Default> Core<H> {
                 }
                 if let Some(log) = self.shared.access_log.as_ref() {
                     crate::metrics::render_access_log(&mut text, log);
+                }
+                if let Some(cl) = self.shared.cluster.as_ref() {
+                    crate::metrics::render_cluster(&mut text, cl);
                 }
                 let ct = "text/plain; version=0.0.4; charset=utf-8";
                 self.respond(c, simple(200, ct, text.as_bytes()), keep)
@@ -309,6 +325,25 @@ impl<H: Default> Core<H> {
         };
         let keep = req.keep_alive;
         let cors = self.shared.cors.headers(req.origin.as_deref());
+        if let Some(cluster) = self.shared.cluster.as_ref() {
+            // Through Redis, off this thread: the answer comes back to the inbox.
+            let Some(conn) = self.conns.get_mut(c as usize) else {
+                return;
+            };
+            let job = crate::cluster::Job {
+                worker: self.id,
+                conn: c,
+                gen: conn.gen,
+                keep,
+                cors: cors.to_string(),
+                publish: p,
+            };
+            conn.phase = Phase::Await;
+            if !cluster.submit(job) {
+                self.respond(c, response::unavailable(1), false);
+            }
+            return;
+        }
         match self.shared.hub.try_publish(&p) {
             Ok(done) => {
                 self.counters.http_publishes += 1;

@@ -87,6 +87,8 @@ pub struct Shared {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// The access log's writer, with `--access-log`.
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// The Redis link, with `--cluster`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -113,6 +115,7 @@ impl Shared {
             tls,
             auth: None,
             access_log: None,
+            cluster: None,
             config,
         })
     }
@@ -124,11 +127,16 @@ impl Shared {
         tls: Option<crate::tls::Tls>,
         auth: Option<Arc<crate::auth::Auth>>,
         access_log: Option<Arc<crate::access_log::AccessLog>>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Arc<Shared> {
         let mut s = Shared::with_tls(config, tls);
         let m = Arc::get_mut(&mut s).expect("just made");
         m.auth = auth;
         m.access_log = access_log;
+        if cluster.is_some() {
+            m.hub.set_cluster();
+        }
+        m.cluster = cluster;
         s
     }
 
@@ -144,6 +152,9 @@ enum Phase {
     Head,
     /// Reading a publish body.
     Body,
+    /// A publish handed to the cluster's publisher thread, waiting for Redis's answer
+    /// (`--cluster`).
+    Await,
     /// Writing a one-off response.
     Respond,
     /// Streaming events.

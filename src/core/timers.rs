@@ -36,7 +36,7 @@ impl<H: Default> Core<H> {
                     self.start_drain(c, true, i as u64 * window / n)
                 }
                 Phase::Head | Phase::Body => self.close(c),
-                Phase::Respond => self.conns[c as usize].flags &= !flag::KEEP_ALIVE,
+                Phase::Respond | Phase::Await => self.conns[c as usize].flags &= !flag::KEEP_ALIVE,
                 // GOAWAY now; its streams drain like any other, then it closes.
                 Phase::H2 => self.h2_drain(c),
                 Phase::Drain | Phase::Closing => {}
@@ -194,6 +194,8 @@ impl<H: Default> Core<H> {
                 }
                 self.close(c);
             }
+            // Redis answers (or fails) within the publisher's timeouts.
+            Phase::Await => self.wheel.insert(c, now + stall),
             // A response, or a drained stream's trailer, that is not getting out.
             Phase::Respond => self.check_final_write(c, stalled, now + stall),
             Phase::Drain if conn.has(flag::FINAL) => {

@@ -105,15 +105,15 @@ pub fn worker_listeners(
 }
 
 /// Start the workers; each pins itself, then runs its backend until drained. The first
-/// also serves ingest.
+/// also serves `ingest`, if given.
 pub fn spawn_workers(
     shared: &Arc<Shared>,
     backend: Backend,
     listeners: Vec<Vec<Listener>>,
-    ingest: Ingest,
+    ingest: Option<Ingest>,
 ) -> io::Result<Vec<JoinHandle<io::Result<()>>>> {
     let _ = shared.backend.set(backend.name());
-    let mut ingest = Some(ingest);
+    let mut ingest = ingest;
     listeners
         .into_iter()
         .enumerate()

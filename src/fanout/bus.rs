@@ -31,6 +31,10 @@ pub enum BusMsg {
     Close(TopicName),
     /// End the streams a revocation covers (made at the unix second given).
     Revoke(crate::auth::Revoke, u64),
+    /// `--cluster`: events were lost upstream; every stream gets this `herald-gap`.
+    Gap(Arc<Event>),
+    /// `--cluster`: Redis's answer to a `POST /publish` this worker handed over.
+    Answer(Box<crate::cluster::Answer>),
 }
 
 /// How a parked worker is woken (an eventfd write, a mio `Waker`).
@@ -123,6 +127,22 @@ impl PublishBatch<'_> {
                     // The full worker must be awake to make room.
                     self.flush();
                     make_room();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+    }
+
+    /// Publish an event whose sequence and id were given upstream (`--cluster`: the
+    /// Redis stream entry), waiting while a target worker's inbox is full.
+    pub fn publish_at(&mut self, seq: u64, id: EventId, p: Publish) -> Result<(), PublishError> {
+        let given = Some((seq, id));
+        loop {
+            match self.hub.publish_deferred(&p, given.clone(), &mut self.wake) {
+                Ok(_) => return Ok(()),
+                Err(PublishFailure::Invalid(e)) => return Err(e),
+                Err(PublishFailure::Busy) => {
+                    self.flush();
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
@@ -282,6 +302,13 @@ struct State {
     forgotten_upto: u64,
     /// Where the janitor's next slice starts (a topic slot).
     janitor_at: usize,
+    /// Anything at or below this may have been lost upstream (`--cluster`: Redis lost or
+    /// trimmed entries this node had not read), in every topic.
+    gap_floor: u64,
+    /// The id of the newest event.
+    last_id: EventId,
+    /// `--cluster`: the epoch of the Redis data ids carry (None before any).
+    epoch: Option<EventId>,
     /// Retained events and bytes over all topics, kept as they change (so /metrics does
     /// not walk the topics under the lock).
     events: usize,
@@ -294,6 +321,20 @@ impl State {
         self.topics
             .get(topic)
             .map_or(self.forgotten_upto, |t| t.history.evicted_upto())
+            .max(self.gap_floor)
+    }
+
+    /// The position a resume id stands for, if it is one herald assigned (in this epoch,
+    /// with `--cluster`).
+    fn position(&self, id: &str, cluster: bool) -> Option<u64> {
+        if !cluster {
+            return id.parse::<u64>().ok();
+        }
+        let epoch = self.epoch.as_deref()?;
+        let (_, e) = id.rsplit_once('-')?;
+        (e == epoch)
+            .then(|| super::topic::position_of(id))
+            .flatten()
     }
 }
 
@@ -307,6 +348,8 @@ pub struct Hub {
     /// First sequence whose events this process knows about (its own start, or the start
     /// of the run whose history it restored): ids below it come from an earlier run.
     start_seq: AtomicU64,
+    /// `--cluster`: sequences and ids come from the Redis stream, not from here.
+    cluster: AtomicBool,
     pub stats: HubStats,
 }
 
@@ -341,6 +384,9 @@ impl Hub {
                 last_seq: 0,
                 forgotten_upto: 0,
                 janitor_at: 0,
+                gap_floor: 0,
+                last_id: EventId::default(),
+                epoch: None,
                 events: 0,
                 bytes: 0,
             }),
@@ -348,6 +394,7 @@ impl Hub {
             limits,
             max_topics: usize::MAX,
             start_seq: AtomicU64::new(wall_micros()),
+            cluster: AtomicBool::new(false),
             stats: HubStats::default(),
         }
     }
@@ -356,6 +403,87 @@ impl Hub {
     pub fn with_max_topics(mut self, max: usize) -> Hub {
         self.max_topics = max;
         self
+    }
+
+    /// `--cluster`: events come from the Redis stream with their sequence and id (see
+    /// [`PublishBatch::publish_at`]); every position in the epoch is one herald can
+    /// place, what Redis no longer retains being marked with [`Hub::mark_lost_upto`].
+    pub fn set_cluster(&self) {
+        self.cluster.store(true, Ordering::Relaxed);
+        self.start_seq.store(0, Ordering::Relaxed);
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.load(Ordering::Relaxed)
+    }
+
+    /// The epoch of the Redis data (`--cluster`); ids of any other resume with a gap.
+    pub fn set_epoch(&self, epoch: Option<&str>) {
+        self.lock().epoch = epoch.map(EventId::new);
+    }
+
+    /// Anything up to `seq` may be lost (Redis no longer retains it).
+    pub fn mark_lost_upto(&self, seq: u64) {
+        let mut st = self.lock();
+        st.gap_floor = st.gap_floor.max(seq);
+    }
+
+    /// Events were lost upstream after the newest one here: every open stream gets an
+    /// `event: herald-gap` (data: the reason and the last id before the gap), and a resume
+    /// from before this point gets a gap signal too.
+    pub fn live_gap(&self, reason: &str) {
+        let all = self.all_workers();
+        let st = loop {
+            let st = self.lock();
+            if self.has_room(all) {
+                break st;
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let mut st = st;
+        // The gap takes a sequence of its own: whatever was lost lies at or below it, so a
+        // resume from the last event before it is told (and the next event is above it).
+        st.last_seq += 1;
+        st.gap_floor = st.last_seq;
+        let after = (!st.last_id.is_empty()).then(|| st.last_id.to_string());
+        let data = serde_json::json!({ "reason": reason, "after": after }).to_string();
+        let ev = Arc::new(Event {
+            seq: st.last_seq,
+            topic: TopicName::default(),
+            id: EventId::default(),
+            frame: chunk(format!("event: herald-gap\ndata: {data}\n\n").as_bytes()),
+            retry: None,
+            at: Instant::now(),
+        });
+        self.send_to(st, all, || BusMsg::Gap(ev.clone()));
+        self.notify(all);
+        self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hand `msg` to one worker (waiting while its inbox is full) and wake it.
+    pub fn deliver(&self, worker: usize, msg: BusMsg) {
+        let st = loop {
+            let st = self.lock();
+            if self.inboxes[worker].queue.len() < INBOX_CAPACITY {
+                break st;
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let pushed = self.inboxes[worker].queue.push(msg);
+        debug_assert!(pushed.is_ok());
+        drop(st);
+        if self.inboxes[worker].notify() {
+            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn all_workers(&self) -> u64 {
+        match self.inboxes.len() {
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        }
     }
 
     pub fn inbox(&self, worker: usize) -> &Inbox {
@@ -396,6 +524,16 @@ impl Hub {
         p: &Publish,
         wake: &mut u64,
     ) -> Result<Published, PublishFailure> {
+        self.publish_deferred(p, None, wake)
+    }
+
+    /// Publish with the sequence and id assigned here, or `given` upstream.
+    fn publish_deferred(
+        &self,
+        p: &Publish,
+        given: Option<(u64, EventId)>,
+        wake: &mut u64,
+    ) -> Result<Published, PublishFailure> {
         if let Err(e) = p.validate() {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(e.into());
@@ -411,12 +549,21 @@ impl Hub {
             let max = self.max_topics;
             return Err(PublishError::TooManyTopics { max }.into());
         }
-        let seq = (st.last_seq + 1).max(wall_micros());
-        st.last_seq = seq;
-        let id = match &p.id {
-            Some(id) => EventId::new(id),
-            None => smol_str::ToSmolStr::to_smolstr(&seq),
+        let (seq, id) = match given {
+            // An upstream sequence that does not move forward (a Redis whose clock went
+            // back across a new epoch) still gets a place after everything here.
+            Some((seq, id)) => (seq.max(st.last_seq + 1), id),
+            None => {
+                let seq = (st.last_seq + 1).max(wall_micros());
+                let id = match &p.id {
+                    Some(id) => EventId::new(id),
+                    None => smol_str::ToSmolStr::to_smolstr(&seq),
+                };
+                (seq, id)
+            }
         };
+        st.last_seq = seq;
+        st.last_id = id.clone();
         let frame = encode_event(p.event.as_deref(), &id, p.retry, &p.data);
         let topic = intern(&st, &p.topic);
         let ev = Arc::new(Event {
@@ -474,10 +621,7 @@ impl Hub {
     /// Tell every worker about a revocation (already recorded by [`crate::auth::Auth`], so
     /// no stream it covers can start after this).
     pub fn revoke(&self, what: &crate::auth::Revoke, at: u64) {
-        let all = match self.inboxes.len() {
-            n if n >= 64 => u64::MAX,
-            n => (1u64 << n) - 1,
-        };
+        let all = self.all_workers();
         let st = loop {
             let st = self.lock();
             if self.has_room(all) {
@@ -598,21 +742,28 @@ impl Hub {
         if out.closed {
             return out;
         }
-        let found = known().find_map(|t| t.history.find_id(last_id));
+        // With --cluster, an id of herald's own from another epoch is from data Redis no
+        // longer has: never a position, even if an event here still carries it.
+        let foreign = self.is_cluster()
+            && super::topic::position_of(last_id).is_some()
+            && st.position(last_id, true).is_none();
+        let found = known()
+            .filter(|_| !foreign)
+            .find_map(|t| t.history.find_id(last_id));
         let (after, known_id) = match found {
             Some(seq) => (seq, true),
-            None => match last_id.parse::<u64>() {
-                Ok(seq) => {
+            None => match st.position(last_id, self.is_cluster()) {
+                Some(seq) => {
                     let start = self.start_seq.load(Ordering::Relaxed);
                     (seq, seq >= start && seq <= st.last_seq)
                 }
-                Err(_) => (0, false),
+                None => (0, false),
             },
         };
         let lost = topics.iter().any(|t| st.evicted_upto(t) > after);
         if !known_id || lost {
             let oldest = known()
-                .filter_map(|t| t.history.oldest())
+                .filter_map(|t| t.history.range(st.gap_floor, u64::MAX).next())
                 .min_by_key(|e| e.seq);
             out.gap = Some(gap_frame(last_id, oldest.map(|e| &*e.id)));
             self.stats.gaps.fetch_add(1, Ordering::Relaxed);
@@ -641,7 +792,10 @@ impl Hub {
             .collect();
         if topics.iter().any(|t| st.evicted_upto(t) > cur.after) {
             // Evicted while the client was still being replayed to.
-            let oldest = hist.iter().filter_map(|h| h.oldest()).min_by_key(|e| e.seq);
+            let oldest = hist
+                .iter()
+                .filter_map(|h| h.range(st.gap_floor, u64::MAX).next())
+                .min_by_key(|e| e.seq);
             out.gap = Some(gap_frame(&cur.last_id, oldest.map(|e| &*e.id)));
             self.stats.gaps.fetch_add(1, Ordering::Relaxed);
         }
@@ -901,7 +1055,7 @@ mod tests {
         std::iter::from_fn(|| h.inbox(w).pop())
             .filter_map(|m| match m {
                 BusMsg::Event(e) => Some(e.seq),
-                BusMsg::Close(_) | BusMsg::Revoke(..) => None,
+                _ => None,
             })
             .collect()
     }
@@ -985,7 +1139,7 @@ mod tests {
             .iter()
             .filter_map(|m| match m {
                 BusMsg::Event(e) => Some(e.seq),
-                BusMsg::Close(_) | BusMsg::Revoke(..) => None,
+                _ => None,
             })
             .collect();
         assert_eq!(pending, [c.seq], "the inbox is handed over under the lock");
@@ -1013,6 +1167,96 @@ mod tests {
             assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 3);
         }
         assert_eq!(h.stats.gaps.load(Ordering::Relaxed), 3);
+    }
+
+    /// A cluster node's hub fed entry `ms-n` of epoch `epoch`, as the reader does.
+    fn feed(h: &Hub, ms: u64, n: u64, epoch: &str) -> String {
+        let id = format!("{ms}-{n}-{epoch}");
+        let p = Publish {
+            topic: "a".into(),
+            data: "x".into(),
+            event: None,
+            id: None,
+            retry: None,
+        };
+        let seq = crate::fanout::topic::cluster_seq(ms, n);
+        h.batch().publish_at(seq, id.as_str().into(), p).unwrap();
+        id
+    }
+
+    #[test]
+    fn cluster_ids_resume_only_within_their_epoch_and_never_past_what_was_read() {
+        let h = hub();
+        h.set_cluster();
+        h.set_epoch(Some("e1"));
+        let ids: Vec<String> = (0..3)
+            .map(|n| feed(&h, 1_764_000_000_000, n, "e1"))
+            .collect();
+        // Retained ids, including one whose event was not kept by herald but is a position
+        // in the epoch at or after what is retained: no gap.
+        let mut at = h.attach(0, &["a".into()], Some(&ids[0]));
+        assert!(at.gap.is_none());
+        let got: Vec<String> = h
+            .replay_all(&["a".into()], &mut at)
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        assert_eq!(got, ids[1..]);
+        // Another epoch's id, a position not read yet, a plain number: gap, then all.
+        for id in [
+            "1764000000000-0-e0",
+            "1764000000001-0-e1",
+            "1764000000000000000",
+        ] {
+            let mut at = h.attach(0, &["a".into()], Some(id));
+            assert!(at.gap.is_some(), "{id} resumed without a gap");
+            assert_eq!(h.replay_all(&["a".into()], &mut at).len(), 3, "{id}");
+        }
+    }
+
+    #[test]
+    fn a_live_gap_reaches_every_worker_and_a_resume_from_before_it_is_told() {
+        let h = hub();
+        h.set_cluster();
+        h.set_epoch(Some("e1"));
+        let _ = h.attach(0, &["a".into()], None);
+        let before = feed(&h, 1_764_000_000_000, 0, "e1");
+        h.live_gap("epoch");
+        h.set_epoch(Some("e2"));
+        let after = feed(&h, 1_764_000_000_005, 0, "e2");
+        let msgs: Vec<BusMsg> = std::iter::from_fn(|| h.inbox(1).pop()).collect();
+        assert!(
+            matches!(msgs.as_slice(), [BusMsg::Gap(_)]),
+            "a worker with no subscriber still gets the gap, and nothing else: {msgs:?}"
+        );
+        let msgs: Vec<BusMsg> = std::iter::from_fn(|| h.inbox(0).pop()).collect();
+        let kinds: Vec<&str> = msgs
+            .iter()
+            .map(|m| match m {
+                BusMsg::Event(_) => "event",
+                BusMsg::Gap(g) => std::str::from_utf8(g.frame.body())
+                    .unwrap()
+                    .split('\n')
+                    .next()
+                    .unwrap(),
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["event", "event: herald-gap", "event"]);
+        // The old epoch's id is told about the gap; the replay is what came after it.
+        let mut at = h.attach(0, &["a".into()], Some(&before));
+        let gap = at.gap.take().expect("gap signalled");
+        let body = std::str::from_utf8(gap.body()).unwrap();
+        assert!(body.contains(&format!("\"oldest\":\"{after}\"")), "{body}");
+        let got: Vec<String> = h
+            .replay_all(&["a".into()], &mut at)
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        assert_eq!(got, std::slice::from_ref(&after));
+        let mut at = h.attach(0, &["a".into()], Some(&after));
+        assert!(at.gap.is_none());
+        assert!(h.replay_all(&["a".into()], &mut at).is_empty());
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl<T> NameTable<T> {
             .copied()
     }
 
+    /// The ids of every entry, in slot order.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots.iter().map(|(i, _)| i as u32)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.id(name).is_some()
     }

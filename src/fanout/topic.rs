@@ -62,9 +62,33 @@ struct Retained {
     custom_ids: HashMap<EventId, u64>,
 }
 
-/// Whether `ev`'s id is herald's own (its `seq` in decimal), found by binary search.
+/// Bits of a cluster sequence below the entry's millisecond: entries per ms, at most.
+const CLUSTER_N_BITS: u32 = 20;
+
+/// The hub sequence of Redis stream entry `ms-n` (`--cluster`): ordered like the entry
+/// ids (no Redis appends a million entries in one millisecond).
+pub fn cluster_seq(ms: u64, n: u64) -> u64 {
+    (ms << CLUSTER_N_BITS) | n.min((1 << CLUSTER_N_BITS) - 1)
+}
+
+/// The sequence an id herald assigned stands for: its decimal `seq`, or (`--cluster`)
+/// `{ms}-{n}-{epoch}`, whose epoch the caller checks.
+pub fn position_of(id: &str) -> Option<u64> {
+    if let Ok(seq) = id.parse::<u64>() {
+        return Some(seq);
+    }
+    let mut parts = id.splitn(3, '-');
+    let ms = parts.next()?.parse().ok()?;
+    let n = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?;
+    (!epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then(|| cluster_seq(ms, n))
+}
+
+/// Whether `ev`'s id is herald's own (the one its `seq` stands for), found by binary
+/// search.
 fn own_id(ev: &Event) -> bool {
-    ev.id.parse::<u64>() == Ok(ev.seq)
+    position_of(&ev.id) == Some(ev.seq)
 }
 
 impl History {
@@ -132,7 +156,7 @@ impl History {
         if let Some(&seq) = r.custom_ids.get(id) {
             return Some(seq);
         }
-        let seq = id.parse::<u64>().ok()?;
+        let seq = position_of(id)?;
         let k = r.events.partition_point(|e| e.seq < seq);
         r.events
             .get(k)

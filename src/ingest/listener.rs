@@ -23,6 +23,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::ndjson::{error_reply, parse_line, Command, Framed, LineError, LineFramer};
+use crate::cluster::{self, Item, PubError};
 use crate::core::Shared;
 use crate::fanout::bus::PublishBatch;
 use crate::metrics::IngestStats;
@@ -182,6 +183,8 @@ pub struct Ingest {
     sweep_at: Instant,
     /// Told once everything read before the stop is published (see [`Ingest::stop`]).
     done: Option<mpsc::Sender<()>>,
+    /// `--cluster`: lines are published through Redis on this link.
+    cluster: Option<cluster::Publisher>,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -226,6 +229,7 @@ impl Ingest {
             idle_timeout: shared.config.ingest_idle_timeout,
         };
         let now = Instant::now();
+        let shared_cluster = shared.cluster.as_ref().map(|c| c.publisher());
         Ok(Ingest {
             poll,
             sweep_every: limits
@@ -244,6 +248,7 @@ impl Ingest {
             janitor_at: now + JANITOR_EVERY,
             sweep_at: now,
             done: Some(done),
+            cluster: shared_cluster,
         })
     }
 
@@ -270,7 +275,12 @@ impl Ingest {
     /// called while a publish waits for room in a full inbox (the host's own, which only
     /// the host can empty).
     pub fn turn(&mut self, make_room: &mut dyn FnMut()) -> io::Result<()> {
-        match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
+        self.turn_waiting(Duration::ZERO, make_room)
+    }
+
+    /// [`Ingest::turn`], first waiting up to `wait` for something to be ready.
+    fn turn_waiting(&mut self, wait: Duration, make_room: &mut dyn FnMut()) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => self.events.clear(),
             Err(e) => return Err(e),
@@ -363,6 +373,29 @@ impl Ingest {
             }
         }
         Ok(true)
+    }
+
+    /// `--cluster`: serve ingest on a thread of its own (see [`crate::cluster`]), so a
+    /// Redis round trip never holds up a worker; until shutdown asks it to stop.
+    pub fn run_alone(mut self) {
+        let mut none = || {};
+        loop {
+            if self.shared.ingest_stop.load(Ordering::Acquire)
+                || self.shared.stop.load(Ordering::Acquire)
+            {
+                return self.stop(&mut none);
+            }
+            // Stop flags are looked at at least every 50 ms.
+            let wait = self.wait(Instant::now()).min(Duration::from_millis(50));
+            self.step_read = 0;
+            if let Err(e) = self.turn_waiting(wait, &mut none) {
+                tracing::error!(error = %e, "ingest failed");
+                return self.stop(&mut none);
+            }
+            while !self.run_queue.is_empty() && self.step_read < STEP_BUDGET {
+                self.visit(READ_BUDGET, &mut none);
+            }
+        }
     }
 
     /// Stop accepting; the lines publishers already sent are handled and answered, then
@@ -465,6 +498,7 @@ impl Ingest {
     fn serve(&mut self, k: usize, budget: usize, make_room: &mut dyn FnMut()) -> Next {
         let now = Instant::now();
         let (shared, stats) = (&*self.shared, stats(&self.shared));
+        let cluster = &mut self.cluster;
         let Some(p) = self.pubs.get_mut(k) else {
             return Next::Close;
         };
@@ -475,7 +509,7 @@ impl Ingest {
             Err(_) => return Next::Close,
         }
         if p.lines_pending {
-            handle_lines(shared, stats, p, make_room);
+            handle_lines(shared, stats, p, make_room, cluster.as_mut());
         }
         let mut read = 0usize;
         while !p.eof && !p.lines_pending {
@@ -492,7 +526,7 @@ impl Ingest {
                     read += n;
                     p.active_at = now;
                     p.framer.push(&self.buf[..n]);
-                    handle_lines(shared, stats, p, make_room);
+                    handle_lines(shared, stats, p, make_room, cluster.as_mut());
                     if n < self.buf.len() && !p.fin_seen {
                         // A short read emptied the socket: whatever arrives later (a FIN
                         // too) raises a new edge, so the read that would only say
@@ -514,10 +548,18 @@ impl Ingest {
             p.unread = true;
         } else if p.eof {
             let max_line = p.max_line;
-            let mut batch = shared.hub.batch();
+            let mut lines = Vec::new();
             while let Some(f) = p.framer.finish() {
-                handle_line(
-                    &mut batch, shared, stats, f, &mut p.out, max_line, make_room,
+                lines.push(parse(f, max_line));
+            }
+            if !lines.is_empty() {
+                run(
+                    shared,
+                    stats,
+                    lines,
+                    &mut p.out,
+                    make_room,
+                    cluster.as_mut(),
                 );
             }
         }
@@ -566,46 +608,133 @@ impl Ingest {
     }
 }
 
-/// Handle the lines framed so far as one batch (each worker is woken once for them), up
-/// to the reply cap; past it the rest wait in the framer (`lines_pending`), so replies
-/// held stay near the cap.
+/// Lines taken from the framer per batch at most (one Redis round trip with `--cluster`).
+const LINES_PER_BATCH: usize = 4096;
+
+/// Handle the lines framed so far, batch by batch (each worker is woken once per batch;
+/// with `--cluster` each batch is one Redis round trip), up to the reply cap; past it the
+/// rest wait in the framer (`lines_pending`), so replies held stay near the cap.
 fn handle_lines(
     shared: &Shared,
     stats: &IngestStats,
     p: &mut Publisher,
     make_room: &mut dyn FnMut(),
+    cluster: Option<&mut cluster::Publisher>,
 ) {
     let max_line = p.max_line;
-    let mut batch = shared.hub.batch();
+    let mut cluster = cluster;
     loop {
         if p.out.len() >= MAX_PENDING_REPLIES {
             p.lines_pending = true;
             return;
         }
-        let Some(f) = p.framer.next_line() else {
+        let mut lines = Vec::new();
+        while lines.len() < LINES_PER_BATCH {
+            let Some(f) = p.framer.next_line() else {
+                break;
+            };
+            lines.push(parse(f, max_line));
+        }
+        if lines.is_empty() {
             p.lines_pending = false;
             return;
-        };
-        handle_line(
-            &mut batch, shared, stats, f, &mut p.out, max_line, make_room,
+        }
+        run(
+            shared,
+            stats,
+            lines,
+            &mut p.out,
+            make_room,
+            cluster.as_deref_mut(),
         );
     }
 }
 
-fn handle_line(
-    batch: &mut PublishBatch<'_>,
-    shared: &Shared,
-    stats: &IngestStats,
-    f: Framed<'_>,
-    out: &mut VecDeque<u8>,
-    max_line: usize,
-    make_room: &mut dyn FnMut(),
-) {
-    let (no, result) = match f {
+/// A framed line, parsed.
+fn parse(f: Framed<'_>, max_line: usize) -> (u64, Result<Command, LineError>) {
+    match f {
         Framed::Line { no, line } => (no, parse_line(line)),
         Framed::TooLong { no } => (no, Err(LineError::LineTooLong { max: max_line })),
+    }
+}
+
+/// Carry out a batch of lines in order; refusals get their error line.
+fn run(
+    shared: &Shared,
+    stats: &IngestStats,
+    lines: Vec<(u64, Result<Command, LineError>)>,
+    out: &mut VecDeque<u8>,
+    make_room: &mut dyn FnMut(),
+    cluster: Option<&mut cluster::Publisher>,
+) {
+    let mut refuse = |no: u64, e: LineError| {
+        tracing::trace!(line = no, error = %e, "ingest line refused");
+        bump(&stats.lines_refused);
+        out.extend(error_reply(&e, no));
     };
-    let err = match result {
+    let Some(cluster) = cluster else {
+        let mut batch = shared.hub.batch();
+        for (no, cmd) in lines {
+            if let Some(e) = run_local(&mut batch, shared, cmd, make_room) {
+                refuse(no, e);
+            }
+        }
+        return;
+    };
+    // Through Redis: every line that is an action goes in one pipeline, in order; the
+    // reader thread of every node (this one too) then delivers it.
+    let mut items = Vec::new();
+    let mut order = Vec::with_capacity(lines.len());
+    for (no, cmd) in lines {
+        let item = match cmd {
+            Ok(Command::Publish(p)) => Ok(Item::Publish(p)),
+            Ok(Command::CloseTopic(t)) => Ok(Item::Close(t)),
+            Ok(Command::Disconnect(what)) => match shared.auth.as_deref() {
+                None => Err(no_auth()),
+                Some(_) => Ok(Item::Revoke(what)),
+            },
+            Err(e) => Err(e),
+        };
+        match item {
+            Ok(it) => {
+                items.push(it);
+                order.push((no, None));
+            }
+            Err(e) => order.push((no, Some(e))),
+        }
+    }
+    let mut results = cluster.publish(&items).into_iter();
+    for (no, err) in order {
+        let err = match err {
+            Some(e) => Some(e),
+            None => match results.next() {
+                Some(Ok(_)) => None,
+                Some(Err(PubError::Invalid(e))) => Some(LineError::Invalid(e)),
+                Some(Err(e @ PubError::Unavailable(_))) => Some(LineError::Refused(e.to_string())),
+                None => Some(LineError::Refused("cluster unavailable".into())),
+            },
+        };
+        if let Some(e) = err {
+            refuse(no, e);
+        }
+    }
+}
+
+fn no_auth() -> LineError {
+    LineError::Refused(
+        "disconnect needs authentication (--auth-keys, --auth-secret-file or --auth-jwks-url)"
+            .into(),
+    )
+}
+
+/// One line, published through the hub; the error it gets, if refused.
+fn run_local(
+    batch: &mut PublishBatch<'_>,
+    shared: &Shared,
+    cmd: Result<Command, LineError>,
+    make_room: &mut dyn FnMut(),
+) -> Option<LineError> {
+    match cmd {
         Ok(Command::Publish(p)) => batch
             .publish_making_room(p, make_room)
             .err()
@@ -617,10 +746,7 @@ fn handle_line(
             None
         }
         Ok(Command::Disconnect(what)) => match shared.auth.as_deref() {
-            None => Some(LineError::Refused(
-                "disconnect needs authentication (--auth-keys, --auth-secret-file or --auth-jwks-url)"
-                    .into(),
-            )),
+            None => Some(no_auth()),
             // Recorded first: from here on no covered token starts a stream, and the
             // workers end the ones open.
             Some(auth) => match auth.revoke(&what) {
@@ -633,11 +759,6 @@ fn handle_line(
             },
         },
         Err(e) => Some(e),
-    };
-    if let Some(e) = err {
-        tracing::trace!(line = no, error = %e, "ingest line refused");
-        bump(&stats.lines_refused);
-        out.extend(error_reply(&e, no));
     }
 }
 
