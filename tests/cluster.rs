@@ -1146,3 +1146,44 @@ fn the_redis_harness_keeps_acknowledged_writes_across_stop_and_kill_9() {
     assert_eq!(redis.xlen("h:events"), 0);
     assert_eq!(redis.starts, 3);
 }
+
+#[test]
+fn a_password_from_a_file_or_from_the_url_and_a_database_number_are_used() {
+    let redis = Redis::start_with_password("s3cret-pw");
+    let pw_file = redis.dir.join("cluster-password");
+    std::fs::write(&pw_file, "s3cret-pw").unwrap();
+    let url_db = format!("redis://127.0.0.1:{}/3", redis.port);
+    let Some(a) = start(|c| {
+        c.cluster = Some(url_db);
+        c.cluster_password_file = Some(pw_file);
+    }) else {
+        return;
+    };
+    let url_pw = format!("redis://:s3cret-pw@127.0.0.1:{}/3", redis.port);
+    let Some(b) = start(|c| c.cluster = Some(url_pw)) else {
+        return;
+    };
+    for n in [&a, &b] {
+        wait_for("linked to Redis", || healthz(n.addr) == (200, "ok".into()));
+    }
+    let mut sb = Sub::open(b.addr, "/events/pw", None);
+    let mut sa = Sub::open(a.addr, "/events/pw", None);
+    wait_streams(b.addr, 1);
+    wait_streams(a.addr, 1);
+    let id = publish_http(a.addr, "pw", "1").unwrap();
+    assert!(ingest(b.ingest, &[event_line("pw", "2")]).is_empty());
+    for s in [&mut sa, &mut sb] {
+        s.wait("both events", |s| s.events.len() >= 2);
+        assert_eq!(s.seqs(), [1, 2]);
+        assert_eq!(s.events[0].id.as_deref(), Some(id.as_str()));
+    }
+    assert_eq!(sa.events, sb.events);
+    // In database 3, not 0.
+    assert_eq!(
+        redis.cmd_in(3, &["XLEN", &format!("{PREFIX}:events")]),
+        Resp::Int(2)
+    );
+    assert_eq!(redis.xlen(&format!("{PREFIX}:events")), 0);
+    a.stop();
+    b.stop();
+}

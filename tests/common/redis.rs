@@ -71,12 +71,23 @@ pub struct Redis {
     child: Option<Child>,
     /// How many times this server was started (1 after `start`).
     pub starts: usize,
+    /// `--requirepass`, sent with AUTH before every command.
+    pub password: Option<String>,
 }
 
 impl Redis {
     /// Start redis-server on a free port in a new temporary directory; returns once it
     /// answers PING.
     pub fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    /// Start redis-server that requires this password (`--requirepass`).
+    pub fn start_with_password(pw: &str) -> Redis {
+        Redis::start_with(Some(pw.to_string()))
+    }
+
+    fn start_with(password: Option<String>) -> Redis {
         let bin = redis_server_bin();
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -99,6 +110,7 @@ impl Redis {
                 dir: dir.clone(),
                 child: None,
                 starts: 0,
+                password: password.clone(),
             };
             match r.spawn(&bin) {
                 Ok(()) => return r,
@@ -121,6 +133,12 @@ impl Redis {
             .args(["--daemonize", "no"])
             .args(["--protected-mode", "no"])
             .args(["--logfile", log.to_str().unwrap()])
+            .args(
+                self.password
+                    .as_deref()
+                    .map(|p| vec!["--requirepass", p])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -246,15 +264,46 @@ impl Redis {
         }
     }
 
-    /// Run one command on a fresh connection.
+    /// Run one command on a fresh connection (database 0).
     pub fn try_cmd(&self, args: &[&str]) -> Result<Resp, String> {
+        self.try_cmd_in(0, args)
+    }
+
+    /// Run one command in database `db`; panics on an error reply.
+    pub fn cmd_in(&self, db: u32, args: &[&str]) -> Resp {
+        match self.try_cmd_in(db, args) {
+            Ok(Resp::Error(e)) => panic!("redis (db {db}) {args:?}: {e}"),
+            Ok(r) => r,
+            Err(e) => panic!("redis (db {db}) {args:?}: {e}"),
+        }
+    }
+
+    /// Run one command on a fresh connection in database `db`, after AUTH when the server
+    /// has a password.
+    pub fn try_cmd_in(&self, db: u32, args: &[&str]) -> Result<Resp, String> {
         let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2))
             .map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_nodelay(true).unwrap();
+        let mut r = BufReader::new(s.try_clone().map_err(|e| format!("clone: {e}"))?);
+        let db = db.to_string();
+        let mut pre: Vec<Vec<&str>> = Vec::new();
+        if let Some(pw) = &self.password {
+            pre.push(vec!["AUTH", pw]);
+        }
+        if db != "0" {
+            pre.push(vec!["SELECT", &db]);
+        }
+        for p in pre {
+            s.write_all(&encode(&p))
+                .map_err(|e| format!("write: {e}"))?;
+            match read_resp(&mut r)? {
+                Resp::Simple(ok) if ok == "OK" => {}
+                other => return Ok(other),
+            }
+        }
         s.write_all(&encode(args))
             .map_err(|e| format!("write: {e}"))?;
-        let mut r = BufReader::new(s);
         read_resp(&mut r)
     }
 
