@@ -494,30 +494,53 @@ fn three_nodes_deliver_every_publish_with_the_same_ids_and_bytes() {
         assert_eq!(healthz(n.addr), (200, "ok".to_string()));
     }
     // Node 1 publishes, over ingest and HTTP: plain, typed, multi-line, with retry, and
-    // one with an id of the publisher's own.
+    // one with an id of the publisher's own. A publish is answered only once Redis holds
+    // it: the stream is one entry longer as soon as the ingest connection ends without an
+    // error line, and a POST's id is an entry's id by the time it is answered.
+    let key = format!("{PREFIX}:events");
+    let published = std::cell::Cell::new(0);
+    let via_ingest = |n: &TestServer, line: String| {
+        assert!(ingest(n.ingest, &[line]).is_empty());
+        published.set(published.get() + 1);
+        assert_eq!(
+            redis.xlen(&key),
+            published.get(),
+            "in Redis once acknowledged"
+        );
+    };
     let n1 = &ns[0];
-    let lines = vec![
-        event_line("news", "0"),
+    via_ingest(n1, event_line("news", "0"));
+    via_ingest(
+        n1,
         serde_json::json!({"topic":"news","event":"goal","data":"1"}).to_string(),
+    );
+    via_ingest(
+        n1,
         serde_json::json!({"topic":"news","data":"2","retry":1500}).to_string(),
-    ];
-    for l in &lines {
-        assert!(ingest(n1.ingest, std::slice::from_ref(l)).is_empty());
-    }
+    );
+    let via_http = |n: &TestServer, q: &str, data: &str| {
+        let id = publish_http(n.addr, q, data).expect("published");
+        let ((ms, seq), _) = cluster_id(&id);
+        let entry = format!("{ms}-{seq}");
+        match redis.cmd(&["XRANGE", &key, &entry, &entry]) {
+            Resp::Array(Some(v)) => assert_eq!(v.len(), 1, "{id} is in Redis once answered"),
+            other => panic!("XRANGE: {other:?}"),
+        }
+        published.set(published.get() + 1);
+        id
+    };
     let mut http_ids = vec![];
-    for (q, data) in [("news?event=score", "3"), ("news", "4")] {
-        http_ids.push(publish_http(n1.addr, q, data).expect("published"));
-    }
-    assert!(ingest(
-        n1.ingest,
-        &[serde_json::json!({"topic":"news","data":"5","id":"own-id-42"}).to_string()]
-    )
-    .is_empty());
+    http_ids.push(via_http(n1, "news?event=score", "3"));
+    http_ids.push(via_http(n1, "news", "4"));
+    via_ingest(
+        n1,
+        serde_json::json!({"topic":"news","data":"5","id":"own-id-42"}).to_string(),
+    );
     // Publishes on nodes 2 and 3 join the same order.
-    http_ids.push(publish_http(ns[1].addr, "news", "6").unwrap());
-    assert!(ingest(ns[2].ingest, &[event_line("news", "7")]).is_empty());
+    http_ids.push(via_http(&ns[1], "news", "6"));
+    via_ingest(&ns[2], event_line("news", "7"));
     let multi = "8\nsecond line";
-    http_ids.push(publish_http(ns[2].addr, "news", multi).unwrap());
+    http_ids.push(via_http(&ns[2], "news", multi));
 
     wait_all(&mut subs, "9 events", |s| s.events.len() >= 9);
     let first = &subs[0];
@@ -572,6 +595,8 @@ fn three_nodes_deliver_every_publish_with_the_same_ids_and_bytes() {
     for n in &ns {
         assert_eq!(metric(n.addr, "herald_cluster_link_up"), 1);
         assert!(metric(n.addr, "herald_cluster_events_read_total") >= 9);
+        metric(n.addr, "herald_cluster_lag_ms");
+        assert_eq!(metric(n.addr, "herald_cluster_reconnects_total"), 0);
         assert_eq!(metric(n.addr, "herald_cluster_gaps_total"), 0);
         assert_eq!(metric(n.addr, "herald_cluster_publish_errors_total"), 0);
     }
@@ -874,6 +899,22 @@ fn redis_restart_mid_stream(crash: bool) {
         let e = publisher.errors();
         e.iter().filter(|a| a.http).count() >= 3 && e.iter().filter(|a| !a.http).count() >= 3
     });
+    // Several lines on one connection: an error line for each, numbered.
+    let down: Vec<String> = (0..3)
+        .map(|i| event_line("x-down", &i.to_string()))
+        .collect();
+    let replies = ingest(ns[0].ingest, &down);
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    for (i, r) in replies.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(r).unwrap();
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("cluster unavailable")),
+            "{r}"
+        );
+        assert_eq!(v["line"], i + 1, "{r}");
+    }
     for s in subs.iter_mut() {
         // Drain what was delivered before, then count keep-alives while Redis is down.
         while s.pump() {}
@@ -914,10 +955,12 @@ fn redis_restart_mid_stream(crash: bool) {
         if let Err(e) = &a.result {
             assert!(
                 a.done >= t_stop && a.sent <= t_healthy,
-                "publish {} failed outside the outage ({:?} after the stop, {:?} after the restart): {e}",
+                "publish {} failed outside the outage (sent {:?} after the stop, {:?} after \
+                 Redis answered PING again, {:?} after /healthz said ok on every node): {e}",
                 a.seq,
                 a.sent.saturating_duration_since(t_stop),
                 a.sent.saturating_duration_since(t_up),
+                a.sent.saturating_duration_since(t_healthy),
             );
         }
     }
@@ -967,6 +1010,46 @@ fn redis_restart_mid_stream(crash: bool) {
     }
     let ids: Vec<String> = reference.iter().map(|e| e.id.clone().unwrap()).collect();
     assert_increasing(&ids);
+    for n in ns {
+        n.stop();
+    }
+}
+
+#[test]
+fn a_close_control_line_on_one_node_ends_the_topic_on_every_node() {
+    let redis = Redis::start();
+    let Some(ns) = nodes(&redis, 3) else { return };
+    let mut subs: Vec<Sub> = ns
+        .iter()
+        .map(|n| Sub::open(n.addr, "/events/done", None))
+        .collect();
+    for n in &ns {
+        wait_streams(n.addr, 1);
+    }
+    let lines = [
+        event_line("done", "0"),
+        r#"{"topic":"done","control":"close"}"#.to_string(),
+    ];
+    assert!(ingest(ns[0].ingest, &lines).is_empty());
+    for (i, s) in subs.iter_mut().enumerate() {
+        s.read_until_closed();
+        assert!(
+            s.ended,
+            "node {}: the stream ends with its last chunk",
+            i + 1
+        );
+        assert_eq!(s.seqs(), [0], "node {}: the last event first", i + 1);
+    }
+    for n in &ns {
+        assert_eq!(Client::get(n.addr, "/events/done", "").status, 204);
+    }
+    // The next publish, on another node, reopens the topic everywhere.
+    publish_http(ns[1].addr, "done", "1").unwrap();
+    for n in &ns {
+        wait_for("the topic reopened", || {
+            Client::get(n.addr, "/events/done", "").status == 200
+        });
+    }
     for n in ns {
         n.stop();
     }
