@@ -32,7 +32,10 @@ use redis::{RedisResult, Value};
 use crate::auth::Revoke;
 use crate::core::Shared;
 use crate::fanout::bus::BusMsg;
-use crate::fanout::table::EventId;
+use crate::fanout::bus::{gap_frame, ReplayBatch, REPLAY_BATCH_BYTES, REPLAY_BATCH_EVENTS};
+use crate::fanout::table::{EventId, TopicName};
+use crate::fanout::topic::{cluster_entry, Event};
+use crate::sse::encode::encode_event;
 use crate::sse::event::{Publish, PublishError};
 
 /// Entries one `XREAD` takes.
@@ -197,6 +200,33 @@ impl Answer {
     }
 }
 
+/// A worker's request for the next batch of a replay from Redis (its history lost part
+/// of the range the client asked for).
+pub struct Fetch {
+    pub worker: usize,
+    pub conn: u32,
+    pub gen: u32,
+    pub topics: Vec<TopicName>,
+    /// Everything with `after < seq <= upto` is still to come.
+    pub after: u64,
+    pub upto: u64,
+    /// The last id the client has (for a gap signal).
+    pub last_id: EventId,
+    /// The first batch: check first whether Redis lost any of the range.
+    pub first: bool,
+}
+
+/// One batch fetched for a [`Fetch`], back in the worker's inbox.
+#[derive(Debug)]
+pub struct Fetched {
+    pub conn: u32,
+    pub gen: u32,
+    pub batch: crate::fanout::bus::ReplayBatch,
+    /// Where the next batch starts (the last entry looked at).
+    pub after: u64,
+    pub last_id: EventId,
+}
+
 /// A connection to Redis with its reconnect backoff.
 struct Link {
     con: Option<redis::Connection>,
@@ -332,9 +362,80 @@ pub struct ReaderStart {
     link: Link,
 }
 
+/// `XINFO STREAM`'s figures that tell whether entries were removed before a node read
+/// them.
+#[derive(Debug, Default, Clone, Copy)]
+struct StreamInfo {
+    length: u64,
+    /// Entries ever added (`entries-added`).
+    added: u64,
+    first: Option<StreamId>,
+    last_generated: StreamId,
+    /// The highest id removed by `XDEL` (trimming does not move it).
+    max_deleted: StreamId,
+}
+
+impl StreamInfo {
+    /// Entries removed so far (trimming removes the oldest).
+    fn removed(&self) -> u64 {
+        self.added.saturating_sub(self.length)
+    }
+
+    /// Anything at or below this may have been removed (None: nothing ever was).
+    fn lost_before(&self) -> Option<StreamId> {
+        if self.removed() == 0 && self.max_deleted == StreamId::default() {
+            return None;
+        }
+        Some(match self.first {
+            Some(f) if f.n > 0 => StreamId {
+                ms: f.ms,
+                n: f.n - 1,
+            },
+            Some(f) => StreamId {
+                ms: f.ms.saturating_sub(1),
+                n: u64::MAX >> 1,
+            },
+            None => self.last_generated,
+        })
+    }
+
+    /// Whether an entry after `id` was removed, as far as ids alone tell: deleted after
+    /// it, or trimmed up to past it (which may also be a false alarm when `id` itself was
+    /// the last one trimmed: a gap signal too many, never one too few).
+    fn lost_after_id(&self, id: StreamId) -> bool {
+        self.max_deleted > id
+            || match self.first {
+                Some(f) => f > id && self.removed() > 0,
+                None => self.last_generated > id && self.removed() > 0,
+            }
+    }
+
+    /// Whether the reader at `pos` lost an entry: its count of entries accounted for
+    /// (read or removed before it started) says exactly when trimming took unread ones.
+    fn lost_after(&self, pos: &ReaderPos) -> bool {
+        if self.max_deleted > pos.last {
+            return true;
+        }
+        let trimmed_past = match self.first {
+            Some(f) => f > pos.last,
+            None => self.last_generated > pos.last,
+        };
+        if !trimmed_past || self.removed() == 0 {
+            return false;
+        }
+        match pos.added {
+            Some(accounted) => self.removed() > accounted,
+            None => true,
+        }
+    }
+}
+
 /// Where the reader is: the last entry it took and the epoch that entry belonged to.
 #[derive(Debug, Default, Clone)]
 pub struct ReaderPos {
+    /// Entries of the stream accounted for up to `last`: read, or removed before the
+    /// reader started (None: not known, after an epoch change).
+    pub added: Option<u64>,
     pub last: StreamId,
     /// None before the first entry (or after the epoch vanished, already signalled).
     pub epoch: Option<String>,
@@ -352,6 +453,7 @@ pub struct Cluster {
     pub endpoint: String,
     pub stats: ClusterStats,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    fetches: Mutex<Option<mpsc::Sender<Fetch>>>,
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -381,6 +483,7 @@ impl Cluster {
             endpoint,
             stats: ClusterStats::default(),
             jobs: Mutex::new(None),
+            fetches: Mutex::new(None),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
         })
@@ -550,6 +653,122 @@ impl Cluster {
         jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok())
     }
 
+    /// Hand a replay batch request to the fetching thread; false if it has stopped.
+    pub fn fetch(&self, f: Fetch) -> bool {
+        let tx = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+        tx.as_ref().is_some_and(|tx| tx.send(f).is_ok())
+    }
+
+    /// The fetching thread: replays from Redis, batch by batch, as subscribers take them.
+    fn fetch_loop(self: Arc<Self>, shared: Arc<Shared>, rx: mpsc::Receiver<Fetch>) {
+        let mut link = Link::new(Some(PUBLISH_TIMEOUT));
+        while let Ok(f) = rx.recv() {
+            let epoch = shared.hub.epoch();
+            let (batch, after, last_id) = match self.fetch_batch(&mut link, &f, epoch.as_deref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The range cannot be had: the client is told, then goes on live.
+                    link.failed();
+                    tracing::debug!(error = %describe(&e), "cluster: replay fetch failed");
+                    let batch = ReplayBatch {
+                        gap: Some(gap_frame(&f.last_id, None)),
+                        events: Vec::new(),
+                        done: true,
+                    };
+                    (batch, f.upto, f.last_id.clone())
+                }
+            };
+            if batch.gap.is_some() {
+                shared.hub.stats.gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            shared
+                .hub
+                .stats
+                .replayed_events
+                .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+            let out = Fetched {
+                conn: f.conn,
+                gen: f.gen,
+                batch,
+                after,
+                last_id,
+            };
+            shared.hub.deliver(f.worker, BusMsg::Replay(Box::new(out)));
+        }
+    }
+
+    /// One batch of `f`'s range: the events of its topics in `(after, upto]`, at most a
+    /// replay batch's worth, scanning at most a bounded number of entries per call.
+    fn fetch_batch(
+        &self,
+        link: &mut Link,
+        f: &Fetch,
+        epoch: Option<&str>,
+    ) -> RedisResult<(ReplayBatch, u64, EventId)> {
+        let con = link
+            .get(&self.client)
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+        let mut out = ReplayBatch::default();
+        let mut last_id = f.last_id.clone();
+        let (ms, n) = cluster_entry(f.after);
+        let after_id = StreamId { ms, n };
+        if f.first && self.info(con)?.lost_after_id(after_id) {
+            out.gap = Some(gap_frame(&f.last_id, None));
+        }
+        let (ms, n) = cluster_entry(f.upto);
+        let end = StreamId { ms, n }.to_string();
+        let mut cursor = after_id;
+        let mut bytes = 0;
+        let mut scanned = 0;
+        loop {
+            let v: Value = redis::cmd("XRANGE")
+                .arg(&self.stream)
+                .arg(format!("({cursor}"))
+                .arg(&end)
+                .arg("COUNT")
+                .arg(READ_COUNT)
+                .query(con)?;
+            let Value::Array(entries) = v else {
+                out.done = true;
+                break;
+            };
+            for e in &entries {
+                let Some((sid, fields)) = entry(e) else {
+                    continue;
+                };
+                cursor = sid;
+                scanned += 1;
+                if fields.get("e").map(String::as_str) != epoch {
+                    // Not the data the client's position belongs to any more.
+                    out.gap.get_or_insert_with(|| gap_frame(&last_id, None));
+                    out.done = true;
+                    return Ok((out, sid.seq(), last_id));
+                }
+                let Some(ev) = event_of(sid, &fields) else {
+                    continue;
+                };
+                if !f.topics.contains(&ev.topic) {
+                    continue;
+                }
+                bytes += ev.wire_len();
+                last_id = ev.id.clone();
+                out.events.push(ev);
+                if out.events.len() >= REPLAY_BATCH_EVENTS || bytes >= REPLAY_BATCH_BYTES {
+                    return Ok((out, sid.seq(), last_id));
+                }
+            }
+            if entries.len() < READ_COUNT {
+                out.done = true;
+                break;
+            }
+            if scanned >= 64 * READ_COUNT {
+                // Enough for one turn of this thread; the rest comes with the next ask.
+                break;
+            }
+        }
+        Ok((out, cursor.seq(), last_id))
+    }
+
     // ---- reading ------------------------------------------------------------------
 
     /// Read everything the stream retains into the hub (before the workers start), so
@@ -614,29 +833,48 @@ impl Cluster {
             self.epoch_changed(shared, pos, epoch.as_deref());
             return Ok(());
         }
-        let deleted = self.max_deleted(con)?;
+        let info = self.info(con)?;
         if boot {
-            if let Some(d) = deleted {
-                shared.hub.mark_lost_upto(d.seq());
+            // Everything before the first entry retained may be lost; what is retained
+            // is read from its start, each entry counted from there.
+            pos.added = Some(info.removed());
+            if let Some(upto) = info.lost_before() {
+                shared.hub.mark_lost_upto(upto.seq());
             }
-        } else if deleted.is_some_and(|d| d > pos.last) {
+        } else if info.lost_after(pos) {
             self.gap(shared, pos, "trimmed");
+            pos.added = Some(info.removed());
         }
         Ok(())
     }
 
-    /// `max-deleted-entry-id` of the stream (None: no stream, or nothing ever deleted).
-    fn max_deleted(&self, con: &mut redis::Connection) -> RedisResult<Option<StreamId>> {
+    /// What `XINFO STREAM` says of the stream (all zero when there is none).
+    fn info(&self, con: &mut redis::Connection) -> RedisResult<StreamInfo> {
         let exists: bool = redis::cmd("EXISTS").arg(&self.stream).query(con)?;
         if !exists {
-            return Ok(None);
+            return Ok(StreamInfo::default());
         }
         let v: Value = redis::cmd("XINFO")
             .arg("STREAM")
             .arg(&self.stream)
             .query(con)?;
-        let id = field_of(&v, "max-deleted-entry-id").and_then(|v| StreamId::parse(&text(v)?));
-        Ok(id.filter(|d| *d > StreamId::default()))
+        let id = |name| field_of(&v, name).and_then(|v| StreamId::parse(&text(v)?));
+        let num = |name| {
+            field_of(&v, name).and_then(|v| match v {
+                Value::Int(i) => u64::try_from(*i).ok(),
+                other => text(other)?.parse().ok(),
+            })
+        };
+        Ok(StreamInfo {
+            length: num("length").unwrap_or(0),
+            added: num("entries-added").unwrap_or(0),
+            first: match field_of(&v, "first-entry") {
+                Some(Value::Array(e)) => e.first().and_then(text).and_then(|t| StreamId::parse(&t)),
+                _ => None,
+            },
+            last_generated: id("last-generated-id").unwrap_or_default(),
+            max_deleted: id("max-deleted-entry-id").unwrap_or_default(),
+        })
     }
 
     /// Redis lost data this node had not read (or cannot prove otherwise): every open
@@ -656,6 +894,7 @@ impl Cluster {
         self.gap(shared, pos, "epoch");
         // Everything in the new epoch is new to us.
         pos.last = StreamId::default();
+        pos.added = None;
         pos.epoch = now.map(str::to_string);
         shared.hub.set_epoch(now);
     }
@@ -724,21 +963,13 @@ impl Cluster {
             if pos.epoch.is_none() {
                 shared.hub.set_epoch(epoch.as_deref());
             }
-            pos.epoch = epoch.clone();
+            pos.epoch = epoch;
             pos.last = sid;
-            let epoch = epoch.unwrap_or_default();
+            pos.added = pos.added.map(|a| a + 1);
             match fields.get("k").map(String::as_str) {
                 Some("p") => {
-                    let p = Publish {
-                        topic: fields.get("t").cloned().unwrap_or_default(),
-                        data: fields.get("d").cloned().unwrap_or_default(),
-                        event: fields.get("v").cloned(),
-                        id: fields.get("i").cloned(),
-                        retry: fields.get("r").and_then(|r| r.parse().ok()),
-                    };
-                    let id = match &p.id {
-                        Some(id) => EventId::new(id),
-                        None => EventId::new(format!("{sid}-{epoch}")),
+                    let Some((p, id)) = publish_of(sid, &fields) else {
+                        continue;
                     };
                     if let Err(e) = batch.publish_at(sid.seq(), id, p) {
                         tracing::debug!(id = %sid, error = %e, "cluster: stream entry refused");
@@ -827,8 +1058,11 @@ impl Cluster {
                     }
                     Ok(n) if n >= READ_COUNT => {
                         // Behind: make sure nothing was trimmed before we got to it.
-                        match self.max_deleted(con) {
-                            Ok(Some(d)) if d > pos.last => self.gap(&shared, &pos, "trimmed"),
+                        match self.info(con) {
+                            Ok(info) if info.lost_after(&pos) => {
+                                self.gap(&shared, &pos, "trimmed");
+                                pos.added = Some(info.removed());
+                            }
                             Ok(_) => {}
                             Err(e) => {
                                 self.lost(&e);
@@ -910,6 +1144,14 @@ impl Cluster {
                 .name("herald-cluster-pub".into())
                 .spawn(move || me.http_loop(sh, rx))?,
         );
+        let (ftx, frx) = mpsc::channel();
+        *self.fetches.lock().unwrap_or_else(|p| p.into_inner()) = Some(ftx);
+        let (me, sh) = (self.clone(), shared.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("herald-cluster-fetch".into())
+                .spawn(move || me.fetch_loop(sh, frx))?,
+        );
         Ok(())
     }
 
@@ -917,6 +1159,10 @@ impl Cluster {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let threads: Vec<_> = self
             .threads
             .lock()
@@ -943,6 +1189,39 @@ impl Publisher {
         }
         self.cluster.publish_on(&mut self.link, items)
     }
+}
+
+/// The publish a stream entry carries, with its wire id.
+fn publish_of(sid: StreamId, fields: &Fields) -> Option<(Publish, EventId)> {
+    if fields.get("k").map(String::as_str) != Some("p") {
+        return None;
+    }
+    let p = Publish {
+        topic: fields.get("t").cloned().unwrap_or_default(),
+        data: fields.get("d").cloned().unwrap_or_default(),
+        event: fields.get("v").cloned(),
+        id: fields.get("i").cloned(),
+        retry: fields.get("r").and_then(|r| r.parse().ok()),
+    };
+    let id = match &p.id {
+        Some(id) => EventId::new(id),
+        None => EventId::new(format!("{sid}-{}", fields.get("e").map_or("", |e| e))),
+    };
+    Some((p, id))
+}
+
+/// A stream entry's event, encoded (a replay fetched from Redis).
+fn event_of(sid: StreamId, fields: &Fields) -> Option<Arc<Event>> {
+    let (p, id) = publish_of(sid, fields)?;
+    p.validate().ok()?;
+    Some(Arc::new(Event {
+        seq: sid.seq(),
+        topic: TopicName::new(&p.topic),
+        frame: encode_event(p.event.as_deref(), &id, p.retry, &p.data),
+        retry: p.retry,
+        id,
+        at: Instant::now(),
+    }))
 }
 
 /// The script's reply `[id, epoch]`.
@@ -1028,6 +1307,62 @@ mod tests {
         assert_eq!(a.to_string(), "1764694812345-0");
         assert_eq!(StreamId::parse("x-1"), None);
         assert_eq!(StreamId::parse("12"), None);
+    }
+
+    fn id(ms: u64, n: u64) -> StreamId {
+        StreamId { ms, n }
+    }
+
+    #[test]
+    fn trimming_counts_as_a_loss_only_when_it_took_entries_not_read() {
+        // 10 entries added, the oldest 4 trimmed: entries 5..=10 (ids 105..=110) remain.
+        let info = StreamInfo {
+            length: 6,
+            added: 10,
+            first: Some(id(105, 0)),
+            last_generated: id(110, 0),
+            max_deleted: StreamId::default(),
+        };
+        assert_eq!(info.lost_before(), Some(id(104, u64::MAX >> 1)));
+        // A reader that read up to entry 4 (the last one trimmed) lost nothing ...
+        let at4 = ReaderPos {
+            added: Some(4),
+            last: id(104, 0),
+            epoch: None,
+        };
+        assert!(!info.lost_after(&at4));
+        // ... one that read 3 lost entry 4; one whose count is unknown is told too.
+        let at3 = ReaderPos {
+            added: Some(3),
+            last: id(103, 0),
+            ..at4.clone()
+        };
+        assert!(info.lost_after(&at3));
+        assert!(info.lost_after(&ReaderPos { added: None, ..at3 }));
+        // A reader inside the retained range lost nothing, whatever its count.
+        let at7 = ReaderPos {
+            added: None,
+            last: id(107, 0),
+            epoch: None,
+        };
+        assert!(!info.lost_after(&at7));
+        // An XDEL after the reader's position is a loss.
+        let deleted = StreamInfo {
+            max_deleted: id(108, 0),
+            ..info
+        };
+        assert!(deleted.lost_after(&at7));
+        // Ids alone (a resume): inside the range fine, before it a (maybe false) alarm.
+        assert!(!info.lost_after_id(id(106, 0)));
+        assert!(info.lost_after_id(id(103, 0)));
+        // Nothing ever removed: never a loss, nothing lost before.
+        let whole = StreamInfo {
+            length: 10,
+            first: Some(id(101, 0)),
+            ..info
+        };
+        assert_eq!(whole.lost_before(), None);
+        assert!(!whole.lost_after_id(id(50, 0)));
     }
 
     #[test]

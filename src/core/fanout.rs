@@ -209,7 +209,40 @@ impl<H: Default> Core<H> {
             BusMsg::Revoke(what, at) => self.handle_revoke(&what, at),
             BusMsg::Gap(ev) => self.handle_gap(ev),
             BusMsg::Answer(a) => self.handle_answer(*a),
+            BusMsg::Replay(r) => self.handle_fetched(*r),
         }
+    }
+
+    /// A replay batch fetched from Redis (`--cluster`), for a stream still waiting for it.
+    fn handle_fetched(&mut self, f: crate::cluster::Fetched) {
+        let Some(conn) = self.conns.get_mut(f.conn as usize) else {
+            return;
+        };
+        let waiting = conn.gen == f.gen
+            && matches!(conn.phase, Phase::Stream | Phase::Drain)
+            && conn.replay.as_ref().is_some_and(|r| r.remote && r.asked);
+        if !waiting {
+            return;
+        }
+        let http10 = conn.has(flag::HTTP10);
+        // Appended behind whatever `pre` holds (a keep-alive, perhaps partly written):
+        // live frames wait until the replay is over, so nothing is queued in front.
+        if let Some(gap) = &f.batch.gap {
+            conn.pre.push_back(super::piece(gap, http10));
+        }
+        for ev in &f.batch.events {
+            conn.pre.push_back(super::piece(&ev.frame, http10));
+        }
+        match conn.replay.as_mut() {
+            Some(cur) if !f.batch.done => {
+                cur.after = f.after;
+                cur.last_id = f.last_id;
+                cur.asked = false;
+                cur.started = true;
+            }
+            _ => conn.replay = None,
+        }
+        self.mark_ready(f.conn);
     }
 
     /// Events were lost upstream (`--cluster`): every stream here gets `ev`, the

@@ -164,17 +164,60 @@ pub(super) struct H2Stream {
     parent: ConnId,
     send_window: i32,
     recv_window: i32,
-    /// Our HEADERS block, until it goes into a plan (shared by every stream whose response
-    /// head is the same: see `Core::h2_head`).
-    head: Option<Bytes>,
     st: u8,
     /// The RST_STREAM code if this stream is reset by us.
     rst: Option<Code>,
     /// DATA segments of this stream in its connection's plan.
     in_plan: u16,
+    /// What a stream holds only for a while (an idle stream has none of it).
+    extra: Option<Box<Extra>>,
+}
+
+#[derive(Default)]
+struct Extra {
+    /// Our HEADERS block, until it goes into a plan (shared by every stream whose response
+    /// head is the same: see `Core::h2_head`).
+    head: Option<Bytes>,
     body: Option<Box<Body>>,
     /// Body bytes of this stream counted in the connection's `body_bytes`.
     body_held: u32,
+}
+
+impl H2Stream {
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Free `extra` once it holds nothing.
+    fn tidy(&mut self) {
+        if self
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.head.is_none() && e.body.is_none() && e.body_held == 0)
+        {
+            self.extra = None;
+        }
+    }
+
+    fn body_mut(&mut self) -> Option<&mut Body> {
+        self.extra.as_mut()?.body.as_deref_mut()
+    }
+
+    fn take_body(&mut self) -> Option<Body> {
+        let b = self.extra.as_mut()?.body.take();
+        self.tidy();
+        b.map(|b| *b)
+    }
+
+    fn take_head(&mut self) -> Option<Bytes> {
+        let h = self.extra.as_mut()?.head.take();
+        self.tidy();
+        h
+    }
+
+    fn has_head(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| e.head.is_some())
+    }
 }
 
 pub(super) enum H2Side {
@@ -773,12 +816,15 @@ impl<H: Default> Core<H> {
                 parent: p,
                 send_window: window as i32,
                 recv_window: wire::DEFAULT_WINDOW as i32,
-                head: None,
                 st: if end_stream { st::REMOTE_END } else { 0 },
                 rst: None,
                 in_plan: 0,
-                body: (!matches!(body, Body::Done)).then(|| Box::new(body)),
-                body_held: 0,
+                extra: (!matches!(body, Body::Done)).then(|| {
+                    Box::new(Extra {
+                        body: Some(Box::new(body)),
+                        ..Extra::default()
+                    })
+                }),
             }))),
         );
         let peer = self.info_peer(p);
@@ -863,7 +909,7 @@ impl<H: Default> Core<H> {
         if s.st & st::DISCARD != 0 {
             return Ok(());
         }
-        let Some(body) = s.body.as_deref_mut() else {
+        let Some(body) = s.body_mut() else {
             if data.is_empty() {
                 return Ok(());
             }
@@ -877,7 +923,7 @@ impl<H: Default> Core<H> {
                 }
                 *left -= data.len();
                 if *left == 0 {
-                    s.body = None;
+                    s.take_body();
                 }
                 let wanted = self
                     .conns
@@ -892,7 +938,7 @@ impl<H: Default> Core<H> {
             }
             Body::Buffered { body: buf, .. } => {
                 if buf.len() + data.len() > max_body {
-                    s.body = None;
+                    s.take_body();
                     s.st |= st::DISCARD;
                     self.h2_hold_done(p, child);
                     self.fail(child, HttpError::PayloadTooLarge);
@@ -905,7 +951,7 @@ impl<H: Default> Core<H> {
                     return Ok(());
                 }
                 let Some(Body::Buffered { fields, body }) =
-                    self.h2s_mut(child).and_then(|s| s.body.take()).map(|b| *b)
+                    self.h2s_mut(child).and_then(|s| s.take_body())
                 else {
                     return Ok(());
                 };
@@ -923,7 +969,9 @@ impl<H: Default> Core<H> {
     /// Count `n` more body bytes held for `child` against its connection's budget.
     fn h2_hold(&mut self, p: ConnId, child: ConnId, n: i64) {
         if let Some(s) = self.h2s_mut(child) {
-            s.body_held = (s.body_held as i64 + n).max(0) as u32;
+            let e = s.extra();
+            e.body_held = (e.body_held as i64 + n).max(0) as u32;
+            s.tidy();
         }
         if let Some(h) = self.h2c_mut(p) {
             h.body_bytes = (h.body_bytes as i64 + n).max(0) as usize;
@@ -932,9 +980,14 @@ impl<H: Default> Core<H> {
 
     /// `child`'s buffered body is handed on (or dropped): uncount it.
     fn h2_hold_done(&mut self, p: ConnId, child: ConnId) {
-        let held = self
-            .h2s_mut(child)
-            .map_or(0, |s| std::mem::take(&mut s.body_held));
+        let held = self.h2s_mut(child).map_or(0, |s| {
+            let held = s
+                .extra
+                .as_mut()
+                .map_or(0, |e| std::mem::take(&mut e.body_held));
+            s.tidy();
+            held
+        });
         if let Some(h) = self.h2c_mut(p) {
             h.body_bytes = h.body_bytes.saturating_sub(held as usize);
         }
@@ -1229,7 +1282,7 @@ impl<H: Default> Core<H> {
             return self.close(c);
         };
         if let Some(s) = self.h2s_mut(c) {
-            s.head = Some(block);
+            s.extra().head = Some(block);
             if s.st & st::REMOTE_END == 0 {
                 // The rest of a request body answered early is not wanted.
                 s.st |= st::DISCARD;
@@ -1247,7 +1300,7 @@ impl<H: Default> Core<H> {
 
     /// Whether stream `c` still has its HEADERS frame to send.
     pub(super) fn h2_head_pending(&self, c: ConnId) -> bool {
-        self.h2s(c).is_some_and(|s| s.head.is_some())
+        self.h2s(c).is_some_and(H2Stream::has_head)
     }
 
     // ---- writes -------------------------------------------------------------------------
@@ -1343,7 +1396,7 @@ impl<H: Default> Core<H> {
                 continue;
             };
             let sid = s.sid;
-            let head = s.head.take();
+            let head = s.take_head();
             if head.is_some() {
                 s.st |= st::HEAD_SENT;
             }

@@ -532,6 +532,37 @@ impl<H: Default> Core<H> {
         let Some(cur) = conn.replay.as_mut() else {
             return;
         };
+        if cur.remote {
+            // From Redis, off this thread: the batch comes back to the inbox.
+            if !cur.asked {
+                cur.asked = true;
+                let fetch = crate::cluster::Fetch {
+                    worker: self.id,
+                    conn: c,
+                    gen: conn.gen,
+                    topics: conn
+                        .subs
+                        .as_slice()
+                        .iter()
+                        .map(|s| self.topics.name(s.topic).clone())
+                        .collect(),
+                    after: cur.after,
+                    upto: cur.upto,
+                    last_id: cur.last_id.clone(),
+                    first: !cur.started,
+                };
+                let sent = self
+                    .shared
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|cl| cl.fetch(fetch));
+                if !sent {
+                    // Shutting down: the client resumes elsewhere.
+                    conn.replay = None;
+                }
+            }
+            return;
+        }
         let names: Vec<&str> = conn
             .subs
             .as_slice()

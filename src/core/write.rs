@@ -163,7 +163,8 @@ impl<H: Default> Core<H> {
                 }
             }
             !conn.pre.is_empty()
-                || conn.replay.is_some()
+                // A replay asked of Redis has nothing to write until it comes back.
+                || conn.replay.as_ref().is_some_and(|r| !r.asked)
                 || conn
                     .subs
                     .as_slice()

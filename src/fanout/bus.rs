@@ -35,6 +35,8 @@ pub enum BusMsg {
     Gap(Arc<Event>),
     /// `--cluster`: Redis's answer to a `POST /publish` this worker handed over.
     Answer(Box<crate::cluster::Answer>),
+    /// `--cluster`: a batch of a replay fetched from Redis for one connection.
+    Replay(Box<crate::cluster::Fetched>),
 }
 
 /// How a parked worker is woken (an eventfd write, a mio `Waker`).
@@ -207,6 +209,13 @@ pub struct ReplayCursor {
     pub upto: u64,
     /// The id of the last event the client has been given (for a gap signal).
     pub last_id: EventId,
+    /// `--cluster`: this node's history lost part of the range, Redis may still have it:
+    /// batches are fetched from Redis off the worker ([`crate::cluster::Fetch`]).
+    pub remote: bool,
+    /// A remote batch has been asked for and not come back yet.
+    pub asked: bool,
+    /// A remote batch came back already (Redis's losses are checked on the first).
+    pub started: bool,
 }
 
 /// One batch of a replay.
@@ -362,7 +371,7 @@ fn intern(st: &State, topic: &str) -> TopicName {
 }
 
 /// `event: herald-gap` naming the id the client asked for and the oldest one retained.
-fn gap_frame(requested: &str, oldest: Option<&str>) -> Frame {
+pub(crate) fn gap_frame(requested: &str, oldest: Option<&str>) -> Frame {
     let data = serde_json::json!({ "requested": requested, "oldest": oldest }).to_string();
     // No `id:` line: an empty one would reset the client's lastEventId. serde_json
     // output has no raw newline, so it is one `data:` line.
@@ -420,6 +429,11 @@ impl Hub {
     /// The epoch of the Redis data (`--cluster`); ids of any other resume with a gap.
     pub fn set_epoch(&self, epoch: Option<&str>) {
         self.lock().epoch = epoch.map(EventId::new);
+    }
+
+    /// The epoch of the Redis data (`--cluster`).
+    pub fn epoch(&self) -> Option<EventId> {
+        self.lock().epoch.clone()
     }
 
     /// Anything up to `seq` may be lost (Redis no longer retains it).
@@ -761,6 +775,19 @@ impl Hub {
             },
         };
         let lost = topics.iter().any(|t| st.evicted_upto(t) > after);
+        if self.is_cluster() && known_id && lost && st.gap_floor <= after {
+            // Evicted here, not lost upstream: Redis may still retain the range.
+            out.replay = Some(ReplayCursor {
+                after,
+                upto,
+                last_id: last_id.into(),
+                remote: true,
+                asked: false,
+                started: false,
+            });
+            self.stats.replays.fetch_add(1, Ordering::Relaxed);
+            return out;
+        }
         if !known_id || lost {
             let oldest = known()
                 .filter_map(|t| t.history.range(st.gap_floor, u64::MAX).next())
@@ -776,6 +803,9 @@ impl Hub {
             after,
             upto,
             last_id: last_id.into(),
+            remote: false,
+            asked: false,
+            started: false,
         });
         self.stats.replays.fetch_add(1, Ordering::Relaxed);
         out

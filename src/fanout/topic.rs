@@ -71,6 +71,11 @@ pub fn cluster_seq(ms: u64, n: u64) -> u64 {
     (ms << CLUSTER_N_BITS) | n.min((1 << CLUSTER_N_BITS) - 1)
 }
 
+/// The Redis stream entry `(ms, n)` a cluster sequence stands for.
+pub fn cluster_entry(seq: u64) -> (u64, u64) {
+    (seq >> CLUSTER_N_BITS, seq & ((1 << CLUSTER_N_BITS) - 1))
+}
+
 /// The sequence an id herald assigned stands for: its decimal `seq`, or (`--cluster`)
 /// `{ms}-{n}-{epoch}`, whose epoch the caller checks.
 pub fn position_of(id: &str) -> Option<u64> {
