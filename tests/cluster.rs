@@ -343,11 +343,22 @@ impl Publisher {
         pace: Duration,
         max: usize,
     ) -> Publisher {
+        Publisher::start_at(0, targets, topic, pace, max)
+    }
+
+    /// The same, from sequence number `first` (up to `max`, exclusive).
+    fn start_at(
+        first: usize,
+        targets: Vec<(SocketAddr, SocketAddr)>,
+        topic: &'static str,
+        pace: Duration,
+        max: usize,
+    ) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let (stop2, log2) = (stop.clone(), log.clone());
         let handle = std::thread::spawn(move || {
-            let mut seq = 0;
+            let mut seq = first;
             while seq < max && !stop2.load(Ordering::Relaxed) {
                 let (http, ingest_addr) = targets[seq % targets.len()];
                 let via_http = seq % 2 == 1;
@@ -592,14 +603,21 @@ fn three_nodes_deliver_every_publish_with_the_same_ids_and_bytes() {
         Resp::Int(1),
         "the epoch key exists"
     );
+    let mut published_here: Vec<u64> = vec![];
     for n in &ns {
         assert_eq!(metric(n.addr, "herald_cluster_link_up"), 1);
         assert!(metric(n.addr, "herald_cluster_events_read_total") >= 9);
         metric(n.addr, "herald_cluster_lag_ms");
+        published_here.push(metric(n.addr, "herald_cluster_publishes_total"));
         assert_eq!(metric(n.addr, "herald_cluster_reconnects_total"), 0);
         assert_eq!(metric(n.addr, "herald_cluster_gaps_total"), 0);
         assert_eq!(metric(n.addr, "herald_cluster_publish_errors_total"), 0);
     }
+    assert_eq!(
+        published_here,
+        [6, 1, 2],
+        "publishes Redis accepted, per node"
+    );
     for n in ns {
         n.stop();
     }
@@ -771,6 +789,55 @@ fn resume_on_another_node_while_publishing_has_no_gap_and_no_duplicate() {
     for n in ns {
         n.stop();
     }
+}
+
+#[test]
+fn a_resume_past_a_nodes_own_history_is_replayed_from_redis() {
+    const BEFORE: usize = 200;
+    const TOTAL: usize = 400;
+    let redis = Redis::start();
+    // Node a keeps 5 events of a topic; node b and Redis keep them all.
+    let Some(a) = node(&redis, |c| c.history_events = 5) else {
+        return;
+    };
+    let Some(b) = node(&redis, |_| {}) else {
+        return;
+    };
+    let mut watch = Sub::open(b.addr, "/events/h", None);
+    wait_streams(b.addr, 1);
+    let targets = vec![(a.addr, a.ingest), (b.addr, b.ingest)];
+    let first = Publisher::start(targets.clone(), "h", Duration::ZERO, BEFORE).join();
+    assert!(first.iter().all(|x| x.result.is_ok()));
+    watch.wait("the first events", |s| s.has_seq(BEFORE - 1));
+    // Resumes on node a from ids it no longer holds, while publishing goes on.
+    let publisher = Publisher::start_at(BEFORE, targets, "h", Duration::from_millis(1), TOTAL);
+    let mut resumed: Vec<(usize, Sub)> = [0, 10, 150, BEFORE - 7]
+        .into_iter()
+        .map(|k| {
+            let id = watch.events[k].id.clone().unwrap();
+            (k, Sub::open(a.addr, "/events/h", Some(&id)))
+        })
+        .collect();
+    assert!(publisher.join().iter().all(|x| x.result.is_ok()));
+    watch.wait("every event", |s| s.has_seq(TOTAL - 1));
+    assert_eq!(watch.seqs(), (0..TOTAL).collect::<Vec<_>>());
+    for (k, s) in resumed.iter_mut() {
+        s.wait("the resumed stream to reach the end", |s| {
+            s.has_seq(TOTAL - 1)
+        });
+        assert!(
+            s.gaps().is_empty(),
+            "resume after {k}: Redis still has the range, so no gap: {:?}",
+            s.gaps()
+        );
+        assert_eq!(
+            s.events,
+            watch.events[*k + 1..],
+            "resume after {k}: every later event once, in order, same ids"
+        );
+    }
+    a.stop();
+    b.stop();
 }
 
 #[test]
@@ -1178,6 +1245,30 @@ fn lost_while_a_node_was_stopped(lose: impl FnOnce(&Redis)) {
         s.events
     );
     assert!(metric(lc, "herald_cluster_gaps_total") >= 1);
+    // The live gap says after which id it fell: the last event the stream had before it.
+    let at = s
+        .events
+        .iter()
+        .position(|e| e.event == "herald-gap")
+        .unwrap();
+    let gap: serde_json::Value = serde_json::from_str(&s.events[at].data).unwrap();
+    if at > 0 {
+        assert_eq!(
+            gap["after"].as_str(),
+            s.events[at - 1].id.as_deref(),
+            "gap data {gap}"
+        );
+    }
+    // A resume from before the loss is told too, on that node.
+    let before = s.events[2].id.clone().unwrap();
+    let mut r = Sub::open(lc, "/events/s", Some(&before));
+    r.wait("the resumed stream to reach the end", |s| s.has_seq(24));
+    assert_eq!(
+        r.events[0].event, "herald-gap",
+        "resume from before the loss: {:?}",
+        r.events
+    );
+    assert_no_silent_loss(&r, &order[3..], "the resumed subscriber");
     signal(&c, "-TERM");
     assert!(c.wait().unwrap().success());
     p.stop();
