@@ -186,6 +186,9 @@ impl LocalTopic {
     }
 }
 
+/// Connection and stream churn between two heap trims, at least.
+pub const TRIM_CHURN: u64 = 1024;
+
 impl<H: Default> Core<H> {
     // ---- fan-out ------------------------------------------------------------------
 
@@ -272,6 +275,21 @@ impl<H: Default> Core<H> {
             self.counters.http_publishes += 1;
         }
         self.respond(a.conn, a.response, a.keep);
+    }
+
+    /// Whether the backend should hand freed heap pages back to the kernel before it
+    /// blocks (`engine::sys::release_free_heap`): once at least [`TRIM_CHURN`] connections
+    /// and h2 streams have opened or closed since the last time. The memory of a burst of
+    /// arrivals (or departures) is returned once the burst is over, at a cost of about a
+    /// microsecond per connection, and a steady trickle or a busy worker never pays it.
+    pub fn heap_trim_due(&mut self) -> bool {
+        let c = &self.counters;
+        let churn = c.connections_accepted + c.connections_closed + 2 * c.h2_streams;
+        if churn.saturating_sub(self.churn_at_trim) < TRIM_CHURN {
+            return false;
+        }
+        self.churn_at_trim = churn;
+        true
     }
 
     /// Block-ready check: returns false if the inbox got something meanwhile.

@@ -222,7 +222,8 @@ impl H2Stream {
 
 pub(super) enum H2Side {
     Conn(Box<H2Conn>),
-    Stream(Box<H2Stream>),
+    /// Its record's key in `Core::h2_streams`.
+    Stream(u32),
 }
 
 impl<H: Default> Core<H> {
@@ -242,14 +243,14 @@ impl<H: Default> Core<H> {
 
     fn h2s(&self, c: ConnId) -> Option<&H2Stream> {
         match self.h2.get(c as usize)?.as_ref()? {
-            H2Side::Stream(s) => Some(s),
+            H2Side::Stream(k) => self.h2_streams.get(*k as usize),
             H2Side::Conn(_) => None,
         }
     }
 
     fn h2s_mut(&mut self, c: ConnId) -> Option<&mut H2Stream> {
-        match self.h2.get_mut(c as usize)?.as_mut()? {
-            H2Side::Stream(s) => Some(s),
+        match self.h2.get(c as usize)?.as_ref()? {
+            H2Side::Stream(k) => self.h2_streams.get_mut(*k as usize),
             H2Side::Conn(_) => None,
         }
     }
@@ -259,7 +260,15 @@ impl<H: Default> Core<H> {
         if self.h2.len() <= i {
             self.h2.resize_with(i + 1, || None);
         }
-        self.h2[i] = side;
+        if let Some(H2Side::Stream(k)) = std::mem::replace(&mut self.h2[i], side) {
+            self.h2_streams.try_remove(k as usize);
+        }
+    }
+
+    /// Make `c` the h2 stream `s`.
+    fn set_stream(&mut self, c: ConnId, s: H2Stream) {
+        let k = self.h2_streams.insert(s) as u32;
+        self.set_side(c, Some(H2Side::Stream(k)));
     }
 
     /// Whether `c` (a connection or one of its h2 streams) is carried over TLS.
@@ -809,9 +818,9 @@ impl<H: Default> Core<H> {
         let window = self
             .h2c(p)
             .map_or(wire::DEFAULT_WINDOW, |h| h.peer_initial_window);
-        self.set_side(
+        self.set_stream(
             child,
-            Some(H2Side::Stream(Box::new(H2Stream {
+            H2Stream {
                 sid,
                 parent: p,
                 send_window: window as i32,
@@ -825,7 +834,7 @@ impl<H: Default> Core<H> {
                         ..Extra::default()
                     })
                 }),
-            }))),
+            },
         );
         let peer = self.info_peer(p);
         self.info_accepted(child, peer);

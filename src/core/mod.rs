@@ -384,6 +384,11 @@ pub struct Core<H> {
     /// HTTP/2 connection and stream state by connection id (empty until the first h2
     /// connection).
     h2: Vec<Option<h2::H2Side>>,
+    /// The h2 streams' records, side by side: one small allocation per stream scattered
+    /// among a burst's short-lived ones would pin their freed memory for good.
+    h2_streams: Slab<h2::H2Stream>,
+    /// Connections and h2 streams opened or closed when the heap was last trimmed.
+    churn_at_trim: u64,
     /// The last HTTP/1.1 response head turned into an HPACK block, and the block.
     #[allow(clippy::type_complexity)]
     h2_head: Option<Box<(Vec<u8>, Bytes)>>,
@@ -430,6 +435,8 @@ impl<H: Default> Core<H> {
             by_jti: std::collections::HashMap::new(),
             log: Default::default(),
             h2: Vec::new(),
+            h2_streams: Slab::new(),
+            churn_at_trim: 0,
             h2_head: None,
             shared,
         }

@@ -180,6 +180,9 @@ pub fn run(
                 }))
             || !lp.reread.is_empty()
             || ingest_wait.is_zero();
+        if !busy && lp.core.heap_trim_due() {
+            super::sys::release_free_heap();
+        }
         let timeout = if busy || !lp.core.park() {
             Duration::ZERO
         } else {

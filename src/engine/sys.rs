@@ -1,5 +1,5 @@
-//! The few raw libc calls the engine needs outside io_uring: the open-files limit and an
-//! eventfd used to wake a parked worker. Each is a thin, documented wrapper so the rest of
+//! The few raw libc calls the engine needs outside io_uring: the open-files limit, an
+//! eventfd used to wake a parked worker, and handing freed heap pages back to the kernel. Each is a thin, documented wrapper so the rest of
 //! the engine stays safe code.
 #![allow(unsafe_code)]
 
@@ -91,4 +91,18 @@ pub fn set_ktls_probe_keys(fd: RawFd, direction: libc::c_int) -> io::Result<()> 
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Give the kernel back the pages of freed heap memory (glibc `malloc_trim`, which
+/// `madvise`s every whole free page in every arena). A burst of new connections leaves
+/// its short-lived allocations (request heads, first frames, handshake state) freed but
+/// resident between the long-lived ones; a worker calls this when it goes idle after
+/// much connection churn (see `Core::heap_trim_due`). A no-op where glibc is absent.
+pub fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only walks glibc's own free lists under
+    // their locks, so no memory of ours is touched or freed by it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

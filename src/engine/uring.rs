@@ -437,6 +437,9 @@ impl Driver {
                 timeout = timeout.min(ing.wait(Instant::now()));
             }
             let busy = self.core.has_work() || !self.rearm.is_empty() || timeout.is_zero();
+            if !busy && self.core.heap_trim_due() {
+                super::sys::release_free_heap();
+            }
             let wait = !busy && self.core.park();
             self.shards[0].submit(usize::from(wait), timeout)?;
             self.core.unpark();
