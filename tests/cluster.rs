@@ -1123,6 +1123,69 @@ fn a_close_control_line_on_one_node_ends_the_topic_on_every_node() {
 }
 
 #[test]
+fn a_node_started_while_redis_is_down_serves_and_catches_up_once_it_is_back() {
+    let mut redis = Redis::start();
+    let Some(a) = node(&redis, |_| {}) else {
+        return;
+    };
+    let mut sa = Sub::open(a.addr, "/events/late", None);
+    wait_streams(a.addr, 1);
+    let ids: Vec<String> = (0..5)
+        .map(|i| publish_http(a.addr, "late", &i.to_string()).unwrap())
+        .collect();
+    sa.wait("the first events", |s| s.has_seq(4));
+    redis.stop();
+    // Node b starts with no Redis: it serves, degraded, and refuses publishes.
+    let Some(b) = node(&redis, |_| {}) else {
+        return;
+    };
+    let (status, body) = healthz(b.addr);
+    assert!(
+        status == 503 && body.starts_with("degraded"),
+        "{status} {body}"
+    );
+    assert!(publish_http(b.addr, "late", "refused").is_err());
+    let mut sb = Sub::open(b.addr, "/events/late", None);
+    // A client of node a moves to node b with the last id it got, while b has no Redis.
+    let mut moved = Sub::open(b.addr, "/events/late", Some(&ids[4]));
+    wait_streams(b.addr, 2);
+    redis.restart();
+    for n in [&a, &b] {
+        wait_for("/healthz ok", || healthz(n.addr) == (200, "ok".into()));
+    }
+    let id5 = publish_http(b.addr, "late", "5").unwrap();
+    for s in [&mut sa, &mut sb] {
+        s.wait("the event published after Redis came back", |s| {
+            s.has_seq(5)
+        });
+    }
+    moved.wait("the event published after Redis came back", |s| {
+        s.has_seq(5)
+    });
+    assert_eq!(
+        moved.seqs(),
+        [5],
+        "a resume after the last event gets nothing twice (a herald-gap is allowed: b could \
+         not know the id): {:?}",
+        moved.events
+    );
+    assert_eq!(
+        sb.seqs(),
+        [5],
+        "a subscriber without Last-Event-ID gets only what was published after it came"
+    );
+    assert_eq!(sb.events[0].id.as_deref(), Some(id5.as_str()));
+    assert_eq!(sa.seqs(), [0, 1, 2, 3, 4, 5]);
+    // What Redis kept from before b started is resumable on b.
+    let mut r = Sub::open(b.addr, "/events/late", Some(&ids[1]));
+    r.wait("the resumed events", |s| s.has_seq(5));
+    assert!(r.gaps().is_empty(), "{:?}", r.events);
+    assert_eq!(r.events, sa.events[2..]);
+    a.stop();
+    b.stop();
+}
+
+#[test]
 fn redis_restart_mid_stream_loses_no_acknowledged_event() {
     redis_restart_mid_stream(false);
 }
