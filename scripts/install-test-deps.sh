@@ -6,6 +6,9 @@
 #     (`certutil`, to trust the test CA in a temporary NSS database for Chromium)
 #   - npm packages of tests/clients (playwright-core, eventsource) via `npm ci`
 #   - a Python venv at tests/clients/.venv with httpx[http2] (h2), httpx-sse, pytest
+#   - for the cluster tests (tests/cluster.rs): Debian's redis-server (`redis-server`,
+#     `redis-cli`); the tests start their own servers on free ports, so the system
+#     service it comes with is stopped and disabled, never left on port 6379
 #
 # Idempotent, quiet on success, fast when everything is already present.
 # Works from any cwd. Never downloads a browser of its own (no `playwright install`).
@@ -46,6 +49,7 @@ command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v certutil >/dev/null 2>&1 || missing+=(libnss3-tools)
 { command -v nghttp >/dev/null 2>&1 && command -v h2load >/dev/null 2>&1; } || missing+=(nghttp2-client)
+{ [ -x /usr/bin/redis-server ] && command -v redis-cli >/dev/null 2>&1; } || missing+=(redis-server)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
@@ -72,9 +76,32 @@ if [ "${#missing[@]}" -gt 0 ]; then
         run apt_install
     fi
     [ -x /usr/bin/chromium ] || { echo "install-test-deps: /usr/bin/chromium still missing" >&2; exit 1; }
-    for c in curl openssl certutil nghttp h2load; do
+    for c in curl openssl certutil nghttp h2load redis-server redis-cli; do
         command -v "$c" >/dev/null 2>&1 || { echo "install-test-deps: $c still missing" >&2; exit 1; }
     done
+fi
+
+# ---------------------------------------------------------------- redis-server service
+# Debian's package starts a system redis on 127.0.0.1:6379 where services may start (no
+# policy-rc.d forbidding it). The cluster tests run their own redis-server processes; a
+# system one would only hold a port and memory, so stop it and keep it from booting.
+# Checked on every run (cheap), not only right after the install.
+if [ -x /usr/bin/redis-server ]; then
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled redis-server >/dev/null 2>&1; then
+        $SUDO systemctl disable --now redis-server >>"$LOG" 2>&1 || true
+    fi
+    if [ -x /etc/init.d/redis-server ] && command -v update-rc.d >/dev/null 2>&1 \
+        && ls /etc/rc[2-5].d/S*redis-server >/dev/null 2>&1; then
+        $SUDO update-rc.d redis-server disable >>"$LOG" 2>&1 || true
+    fi
+    if [ -f /run/redis/redis-server.pid ] && kill -0 "$(cat /run/redis/redis-server.pid)" 2>/dev/null; then
+        if command -v service >/dev/null 2>&1; then
+            $SUDO service redis-server stop >>"$LOG" 2>&1 || true
+        fi
+        if [ -f /run/redis/redis-server.pid ] && kill -0 "$(cat /run/redis/redis-server.pid)" 2>/dev/null; then
+            $SUDO kill "$(cat /run/redis/redis-server.pid)" >>"$LOG" 2>&1 || true
+        fi
+    fi
 fi
 
 # ---------------------------------------------------------------- npm packages

@@ -2,7 +2,8 @@
 # Every herald test, as CI runs it: formatting and lints, unit tests, the integration
 # suite once per backend (epoll, then io_uring), then the real-client tests (npm
 # eventsource, headless Chromium, Python httpx-sse) against the release binary on both
-# backends. Installs what the client tests need by itself (scripts/install-test-deps.sh).
+# backends. Installs what the integration tests (redis-server for tests/cluster.rs) and the
+# client tests need by itself (scripts/install-test-deps.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,6 +20,9 @@ cargo build --locked --release
 
 step "unit tests"
 cargo test --locked --release --lib --bins
+
+step "test dependencies (scripts/install-test-deps.sh)"
+scripts/install-test-deps.sh
 
 for backend in epoll uring; do
     step "integration tests, backend $backend"

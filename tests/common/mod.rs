@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use herald::{BackendChoice, Config};
 
 pub mod h2;
+pub mod redis;
 pub mod tls;
 
 pub const WAIT: Duration = Duration::from_secs(20);
