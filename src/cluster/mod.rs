@@ -50,13 +50,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect backoff bounds (jittered).
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Entries one run of the publish script appends, at most (a run blocks Redis while it
+/// lasts) ...
+const ENTRIES_PER_RUN: usize = 256;
+/// ... and bytes of event data in one run, about.
+const BYTES_PER_RUN: usize = 1 << 20;
 /// HTTP publishes taken into one pipeline, at most.
 const HTTP_BATCH: usize = 256;
 
-/// The publish script: keep (or make) the epoch, append, trim. `KEYS`: stream, epoch key.
-/// `ARGV`: approximate max length, minimum age to keep in ms (0: none), then the entry's
-/// field/value pairs. Returns the entry's id and the epoch.
+/// The publish script: keep (or make) the epoch, append a batch of entries, trim; one
+/// script run (atomic, one Lua call) per batch, not per event. `KEYS`: stream, epoch key.
+/// `ARGV`: approximate max length, minimum age to keep in ms (0: none), then per entry
+/// its count of field/value strings and those strings. Returns the epoch, then each
+/// entry's id.
 const PUBLISH_LUA: &str = r#"
 local e = redis.call('GET', KEYS[2])
 if not e then
@@ -71,7 +78,14 @@ if not e then
   end
   redis.call('SET', KEYS[2], e)
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', e, unpack(ARGV, 3))
+local out = {e}
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  out[#out + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', e,
+    unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
 local age = tonumber(ARGV[2])
 if age > 0 then
   local t = redis.call('TIME')
@@ -80,7 +94,7 @@ if age > 0 then
     redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d', min))
   end
 end
-return {id, e}
+return out
 "#;
 
 /// `--cluster` and its companions, validated.
@@ -454,6 +468,8 @@ pub struct Cluster {
     pub stats: ClusterStats,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     fetches: Mutex<Option<mpsc::Sender<Fetch>>>,
+    /// Wall time (ms) when this node was set up: entries older than that are history.
+    started_ms: u64,
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -484,6 +500,7 @@ impl Cluster {
             stats: ClusterStats::default(),
             jobs: Mutex::new(None),
             fetches: Mutex::new(None),
+            started_ms: now_ms(),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
         })
@@ -512,7 +529,7 @@ impl Cluster {
             return out.into_iter().flatten().collect();
         }
         for attempt in 0..2 {
-            if let Err(e) = link.get(&self.client) {
+            if let Err(e) = self.connected(link) {
                 return self.fail_rest(out, &e);
             }
             if !link.loaded {
@@ -524,12 +541,13 @@ impl Cluster {
                 }
                 link.loaded = true;
             }
+            // One script run per chunk of the batch, the chunks pipelined.
+            let pending: Vec<usize> = (0..items.len()).filter(|&k| out[k].is_none()).collect();
+            let chunks = chunked(&pending, items);
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for (it, done) in items.iter().zip(&out) {
-                if done.is_none() {
-                    self.append_cmd(&mut pipe, it);
-                }
+            for chunk in &chunks {
+                self.append_cmd(&mut pipe, chunk.iter().map(|&k| &items[k]));
             }
             let con = link.con.as_mut().expect("connected above");
             let replies: Vec<RedisResult<Value>> = match pipe.query(con) {
@@ -551,37 +569,42 @@ impl Cluster {
                 link.loaded = false;
                 continue;
             }
-            let mut replies = replies.into_iter();
-            for (it, slot) in items.iter().zip(out.iter_mut()) {
-                if slot.is_some() {
-                    continue;
+            for (chunk, reply) in chunks.iter().zip(replies) {
+                let ids = reply.map(|v| accepted(&v, chunk.len()));
+                for (j, &k) in chunk.iter().enumerate() {
+                    out[k] = Some(match &ids {
+                        Ok(Some((epoch, sids))) => {
+                            self.stats.publishes.fetch_add(1, Ordering::Relaxed);
+                            Ok(match &items[k] {
+                                Item::Publish(Publish { id: Some(id), .. }) => EventId::new(id),
+                                _ => EventId::new(format!("{}-{epoch}", sids[j])),
+                            })
+                        }
+                        Ok(None) => {
+                            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                            Err(PubError::Unavailable("unexpected reply from redis".into()))
+                        }
+                        Err(e) => {
+                            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                            Err(PubError::Unavailable(describe(e)))
+                        }
+                    });
                 }
-                let r = replies.next().unwrap_or_else(|| {
-                    Err(redis::RedisError::from(std::io::Error::other("no reply")))
-                });
-                *slot = Some(match r.map(|v| accepted(&v)) {
-                    Ok(Some((sid, epoch))) => {
-                        self.stats.publishes.fetch_add(1, Ordering::Relaxed);
-                        Ok(match it {
-                            Item::Publish(Publish { id: Some(id), .. }) => EventId::new(id),
-                            _ => EventId::new(format!("{sid}-{epoch}")),
-                        })
-                    }
-                    Ok(None) => {
-                        self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                        Err(PubError::Unavailable("unexpected reply from redis".into()))
-                    }
-                    Err(e) => {
-                        self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                        Err(PubError::Unavailable(describe(&e)))
-                    }
-                });
             }
             break;
         }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(PubError::Unavailable("not sent".into()))))
             .collect()
+    }
+
+    /// A publisher's or fetcher's connection: while the reader's link is up, Redis is
+    /// known to answer, so a backoff left from an outage is cut short.
+    fn connected<'l>(&self, link: &'l mut Link) -> Result<&'l mut redis::Connection, String> {
+        if link.con.is_none() && self.link_up() {
+            link.retry_at = Instant::now();
+        }
+        link.get(&self.client)
     }
 
     fn fail_rest(
@@ -599,7 +622,8 @@ impl Cluster {
             .collect()
     }
 
-    fn append_cmd(&self, pipe: &mut redis::Pipeline, it: &Item) {
+    /// One script run appending `items` in order.
+    fn append_cmd<'a>(&self, pipe: &mut redis::Pipeline, items: impl Iterator<Item = &'a Item>) {
         let cmd = pipe
             .cmd("EVALSHA")
             .arg(self.script.get_hash())
@@ -608,32 +632,39 @@ impl Cluster {
             .arg(&self.epoch_key)
             .arg(self.max_len)
             .arg(self.min_age_ms);
-        match it {
-            Item::Publish(p) => {
-                cmd.arg("k")
-                    .arg("p")
-                    .arg("t")
-                    .arg(&p.topic)
-                    .arg("d")
-                    .arg(&p.data);
-                if let Some(v) = &p.event {
-                    cmd.arg("v").arg(v);
+        for it in items {
+            match it {
+                Item::Publish(p) => {
+                    let n = 6 + 2
+                        * (usize::from(p.event.is_some())
+                            + usize::from(p.id.is_some())
+                            + usize::from(p.retry.is_some()));
+                    cmd.arg(n)
+                        .arg("k")
+                        .arg("p")
+                        .arg("t")
+                        .arg(&p.topic)
+                        .arg("d")
+                        .arg(&p.data);
+                    if let Some(v) = &p.event {
+                        cmd.arg("v").arg(v);
+                    }
+                    if let Some(i) = &p.id {
+                        cmd.arg("i").arg(i);
+                    }
+                    if let Some(r) = p.retry {
+                        cmd.arg("r").arg(r);
+                    }
                 }
-                if let Some(i) = &p.id {
-                    cmd.arg("i").arg(i);
+                Item::Close(t) => {
+                    cmd.arg(4).arg("k").arg("c").arg("t").arg(t);
                 }
-                if let Some(r) = p.retry {
-                    cmd.arg("r").arg(r);
+                Item::Revoke(Revoke::Sub(s)) => {
+                    cmd.arg(4).arg("k").arg("s").arg("t").arg(&**s);
                 }
-            }
-            Item::Close(t) => {
-                cmd.arg("k").arg("c").arg("t").arg(t);
-            }
-            Item::Revoke(Revoke::Sub(s)) => {
-                cmd.arg("k").arg("s").arg("t").arg(&**s);
-            }
-            Item::Revoke(Revoke::Jti(j)) => {
-                cmd.arg("k").arg("j").arg("t").arg(&**j);
+                Item::Revoke(Revoke::Jti(j)) => {
+                    cmd.arg(4).arg("k").arg("j").arg("t").arg(&**j);
+                }
             }
         }
     }
@@ -705,8 +736,8 @@ impl Cluster {
         f: &Fetch,
         epoch: Option<&str>,
     ) -> RedisResult<(ReplayBatch, u64, EventId)> {
-        let con = link
-            .get(&self.client)
+        let con = self
+            .connected(link)
             .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
         let mut out = ReplayBatch::default();
         let mut last_id = f.last_id.clone();
@@ -971,7 +1002,10 @@ impl Cluster {
                     let Some((p, id)) = publish_of(sid, &fields) else {
                         continue;
                     };
-                    if let Err(e) = batch.publish_at(sid.seq(), id, p) {
+                    // Published before this node served anyone: history, not news (a
+                    // node that started while Redis was down catches up with it later).
+                    let past = sid.ms < self.started_ms;
+                    if let Err(e) = batch.publish_at(sid.seq(), id, p, past) {
                         tracing::debug!(id = %sid, error = %e, "cluster: stream entry refused");
                     }
                 }
@@ -1224,12 +1258,42 @@ fn event_of(sid: StreamId, fields: &Fields) -> Option<Arc<Event>> {
     }))
 }
 
-/// The script's reply `[id, epoch]`.
-fn accepted(v: &Value) -> Option<(StreamId, String)> {
+/// The script's reply `[epoch, id...]` for `n` entries.
+fn accepted(v: &Value, n: usize) -> Option<(String, Vec<StreamId>)> {
     match v {
-        Value::Array(a) if a.len() == 2 => Some((StreamId::parse(&text(&a[0])?)?, text(&a[1])?)),
+        Value::Array(a) if a.len() == n + 1 => {
+            let ids = a[1..]
+                .iter()
+                .map(|v| StreamId::parse(&text(v)?))
+                .collect::<Option<Vec<_>>>()?;
+            Some((text(&a[0])?, ids))
+        }
         _ => None,
     }
+}
+
+/// `pending` (indexes into `items`) cut into script runs of at most
+/// [`ENTRIES_PER_RUN`] entries and about [`BYTES_PER_RUN`] bytes of data.
+fn chunked(pending: &[usize], items: &[Item]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0;
+    for &k in pending {
+        let size = match &items[k] {
+            Item::Publish(p) => p.data.len() + p.topic.len(),
+            _ => 64,
+        };
+        match out.last_mut() {
+            Some(c) if c.len() < ENTRIES_PER_RUN && bytes + size <= BYTES_PER_RUN => {
+                c.push(k);
+                bytes += size;
+            }
+            _ => {
+                out.push(vec![k]);
+                bytes = size;
+            }
+        }
+    }
+    out
 }
 
 fn text(v: &Value) -> Option<String> {

@@ -136,9 +136,18 @@ impl PublishBatch<'_> {
     }
 
     /// Publish an event whose sequence and id were given upstream (`--cluster`: the
-    /// Redis stream entry), waiting while a target worker's inbox is full.
-    pub fn publish_at(&mut self, seq: u64, id: EventId, p: Publish) -> Result<(), PublishError> {
-        let given = Some((seq, id));
+    /// Redis stream entry), waiting while a target worker's inbox is full. A `past`
+    /// event (published before this process started serving) goes into the history
+    /// only: no stream here was open when it was published, so it is resume material,
+    /// not news.
+    pub fn publish_at(
+        &mut self,
+        seq: u64,
+        id: EventId,
+        p: Publish,
+        past: bool,
+    ) -> Result<(), PublishError> {
+        let given = Some((seq, id, past));
         loop {
             match self.hub.publish_deferred(&p, given.clone(), &mut self.wake) {
                 Ok(_) => return Ok(()),
@@ -541,11 +550,12 @@ impl Hub {
         self.publish_deferred(p, None, wake)
     }
 
-    /// Publish with the sequence and id assigned here, or `given` upstream.
+    /// Publish with the sequence and id assigned here, or `given` upstream (with
+    /// whether it is history only).
     fn publish_deferred(
         &self,
         p: &Publish,
-        given: Option<(u64, EventId)>,
+        given: Option<(u64, EventId, bool)>,
         wake: &mut u64,
     ) -> Result<Published, PublishFailure> {
         if let Err(e) = p.validate() {
@@ -554,7 +564,11 @@ impl Hub {
         }
         let now = Instant::now();
         let mut st = self.lock();
-        let targets = self.targets(st.topics.get(p.topic.as_str()));
+        let past = given.as_ref().is_some_and(|g| g.2);
+        let targets = match past {
+            true => 0,
+            false => self.targets(st.topics.get(p.topic.as_str())),
+        };
         if !self.has_room(targets) {
             return Err(PublishFailure::Busy);
         }
@@ -566,7 +580,7 @@ impl Hub {
         let (seq, id) = match given {
             // An upstream sequence that does not move forward (a Redis whose clock went
             // back across a new epoch) still gets a place after everything here.
-            Some((seq, id)) => (seq.max(st.last_seq + 1), id),
+            Some((seq, id, _)) => (seq.max(st.last_seq + 1), id),
             None => {
                 let seq = (st.last_seq + 1).max(wall_micros());
                 let id = match &p.id {
@@ -1210,7 +1224,9 @@ mod tests {
             retry: None,
         };
         let seq = crate::fanout::topic::cluster_seq(ms, n);
-        h.batch().publish_at(seq, id.as_str().into(), p).unwrap();
+        h.batch()
+            .publish_at(seq, id.as_str().into(), p, false)
+            .unwrap();
         id
     }
 
