@@ -78,6 +78,7 @@ counters! {
     auth_refused_scope: "counter", "Requests refused 403: a topic the token does not grant";
     auth_refused_limit: "counter", "Requests refused 429: over --max-streams-per-user";
     auth_waits: "counter", "Requests that waited for a JWKS refetch (a token with an unknown kid)";
+    cluster_waits: "counter", "Resumes that waited for this node's Redis reader to reach their Last-Event-ID (--cluster)";
     auth_expiry_notices: "counter", "herald-auth-expiring events sent";
     auth_streams_expired: "counter", "Streams ended because their token expires";
     auth_streams_revoked: "counter", "Streams ended by a disconnect control line";

@@ -249,6 +249,9 @@ struct Link {
     backoff: Duration,
     /// The publish script is known to this connection's server.
     loaded: bool,
+    /// The reader's session count when this connection was made (see
+    /// [`Cluster::connected`]).
+    session: u64,
     timeout: Option<Duration>,
     rng: u64,
 }
@@ -260,6 +263,7 @@ impl Link {
             retry_at: Instant::now(),
             backoff: BACKOFF_MIN,
             loaded: false,
+            session: 0,
             timeout,
             rng: seed(),
         }
@@ -468,6 +472,8 @@ pub struct Cluster {
     pub stats: ClusterStats,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     fetches: Mutex<Option<mpsc::Sender<Fetch>>>,
+    /// Times the reader has connected to Redis (its sessions).
+    sessions: AtomicU64,
     /// Wall time (ms) when this node was set up: entries older than that are history.
     started_ms: u64,
     stop: AtomicBool,
@@ -500,6 +506,7 @@ impl Cluster {
             stats: ClusterStats::default(),
             jobs: Mutex::new(None),
             fetches: Mutex::new(None),
+            sessions: AtomicU64::new(0),
             started_ms: now_ms(),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
@@ -600,9 +607,20 @@ impl Cluster {
 
     /// A publisher's or fetcher's connection: while the reader's link is up, Redis is
     /// known to answer, so a backoff left from an outage is cut short.
+    /// A connection made before the reader last lost Redis and found it again is to a
+    /// server that may be gone (a restart): it is replaced before use, not failed on.
     fn connected<'l>(&self, link: &'l mut Link) -> Result<&'l mut redis::Connection, String> {
+        let session = self.sessions.load(Ordering::Acquire);
+        if link.con.is_some() && link.session < session {
+            link.con = None;
+            link.retry_at = Instant::now();
+        }
         if link.con.is_none() && self.link_up() {
             link.retry_at = Instant::now();
+        }
+        if link.con.is_none() {
+            link.get(&self.client)?;
+            link.session = session;
         }
         link.get(&self.client)
     }
@@ -1043,6 +1061,7 @@ impl Cluster {
         let ReaderStart { mut pos, mut link } = start;
         // The catch-up's connection is the first session; it needs no check.
         let mut sessions = u64::from(link.con.is_some());
+        self.sessions.store(sessions, Ordering::Release);
         let mut fresh = link.con.is_some();
         while !self.stop.load(Ordering::Acquire) {
             let con = match link.get(&self.client) {
@@ -1066,6 +1085,7 @@ impl Cluster {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 sessions += 1;
+                self.sessions.store(sessions, Ordering::Release);
                 tracing::info!(redis = %self.endpoint, from = %pos.last, "cluster: reader connected");
             }
             self.stats.link_up.store(true, Ordering::Relaxed);

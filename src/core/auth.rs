@@ -74,6 +74,9 @@ pub(crate) struct ConnInfo {
     reason: Option<EndReason>,
     /// A request waiting for a JWKS refetch, and the fetch epoch it saw.
     parked: Option<(Box<Request>, u64)>,
+    /// `--cluster`: the parked request resumes from an id this node has not read yet;
+    /// it waits until the reader has (the sequence), or until the tick given.
+    ahead: Option<(u64, u64)>,
     /// The request already waited for one refetch.
     retried: bool,
 }
@@ -340,6 +343,55 @@ impl<H: Default> Core<H> {
             .get(c as usize)
             .and_then(|i| i.as_deref())
             .is_some_and(|i| i.parked.is_some())
+    }
+
+    /// Park a subscription whose `Last-Event-ID` is a position this node's Redis reader
+    /// has not reached yet (`--cluster`: the client came from a node that is ahead). It
+    /// is looked at every tick and goes on once the reader is there, or after a second
+    /// (then as an unknown id: a gap signal, never a wrong position).
+    pub(super) fn park_until_read(&mut self, c: ConnId, req: &Request, seq: u64) {
+        self.counters.cluster_waits += 1;
+        let deadline = self.now_tick + self.ticks(std::time::Duration::from_secs(1));
+        let i = self.info_or_insert(c);
+        i.parked = Some((Box::new(req.clone()), 0));
+        i.ahead = Some((seq, deadline));
+        i.retried = true;
+        if let Some(conn) = self.conns.get_mut(c as usize) {
+            conn.phase = Phase::Respond;
+            conn.flags &= !flag::KEEP_ALIVE;
+        }
+        self.wheel.insert(c, self.now_tick + 1);
+    }
+
+    /// Whether `c`'s request may wait (once) for the reader.
+    pub(super) fn may_wait(&self, c: ConnId) -> bool {
+        !self
+            .info
+            .get(c as usize)
+            .and_then(|i| i.as_deref())
+            .is_some_and(|i| i.retried)
+    }
+
+    /// At `c`'s timer: a request parked by [`Core::park_until_read`] goes on once the
+    /// reader has reached its id or its wait is over; true if it was one.
+    pub(super) fn check_read_wait(&mut self, c: ConnId) -> bool {
+        let Some((seq, deadline)) = self
+            .info
+            .get(c as usize)
+            .and_then(|i| i.as_deref())
+            .and_then(|i| i.ahead)
+        else {
+            return false;
+        };
+        if self.shared.hub.newest_seq() >= seq || self.now_tick >= deadline {
+            if let Some(i) = self.info_mut(c) {
+                i.ahead = None;
+            }
+            self.resume(c);
+        } else {
+            self.wheel.insert(c, self.now_tick + 1);
+        }
+        true
     }
 
     /// Retry the requests that waited for a JWKS fetch that has now happened (or all of

@@ -429,6 +429,17 @@ impl<H: Default> Core<H> {
             },
             _ => return,
         };
+        if let Route::Subscribe {
+            last_event_id: Some(id),
+            ..
+        } = &req.route
+        {
+            if let Some(seq) = self.shared.hub.ahead_of_reader(id) {
+                if self.may_wait(c) {
+                    return self.park_until_read(c, &req, seq);
+                }
+            }
+        }
         self.stream_started_pre(c, &req);
         let Route::Subscribe {
             topics,

@@ -170,6 +170,9 @@ impl<H: Default> Core<H> {
                 None => {}
             }
         }
+        if !self.info.is_empty() && self.check_read_wait(c) {
+            return;
+        }
         if self.is_parked(c) {
             // Waited for the JWKS refetch as long as a head may take: answer now.
             return self.resume(c);

@@ -440,6 +440,21 @@ impl Hub {
         self.lock().epoch = epoch.map(EventId::new);
     }
 
+    /// The newest sequence this hub has.
+    pub fn newest_seq(&self) -> u64 {
+        self.lock().last_seq
+    }
+
+    /// `--cluster`: the sequence `id` stands for, if it is a position of this epoch the
+    /// reader has not reached yet (the client got it from a node that is ahead).
+    pub fn ahead_of_reader(&self, id: &str) -> Option<u64> {
+        if !self.is_cluster() {
+            return None;
+        }
+        let st = self.lock();
+        st.position(id, true).filter(|&seq| seq > st.last_seq)
+    }
+
     /// The epoch of the Redis data (`--cluster`).
     pub fn epoch(&self) -> Option<EventId> {
         self.lock().epoch.clone()
