@@ -97,6 +97,9 @@ counters! {
     tls_unknown_name: "counter", "TLS handshakes refused: the SNI name matches no certificate (alert sent)";
     tls_decrypt_errors: "counter", "TLS connections ended for a record that failed to decrypt (alert sent)";
     tls_other_errors: "counter", "TLS connections ended for any other TLS error";
+    tls_sessions_sealed: "counter", "TLS sessions handed from rustls to herald's record layer after the handshake (an idle one then holds only its keys)";
+    tls_sessions_kept: "counter", "TLS sessions left whole in rustls after the handshake (their TLS 1.3 traffic secrets were not seen)";
+    tls_key_updates: "counter", "TLS 1.3 KeyUpdate messages received and followed on sealed sessions";
     h2_connections: "counter", "HTTP/2 connections (ALPN h2 on the TLS listener, or prior knowledge on --listen)";
     h2_streams: "counter", "HTTP/2 streams opened by clients (each carries one request)";
     h2_streams_open: "gauge", "HTTP/2 streams currently open";

@@ -15,6 +15,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
+pub mod record;
+
 /// ALPN protocols offered, most preferred first.
 pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
@@ -193,6 +195,11 @@ impl Tls {
         config.ticketer = provider::Ticketer::new().map_err(|e| e.to_string())?;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.max_early_data_size = 0;
+        // After the handshake the session leaves rustls for herald's record layer
+        // (`record`): rustls hands over the keys, and its key log (which herald only
+        // keeps in memory, never writes) gives the TLS 1.3 traffic secrets.
+        config.enable_secret_extraction = true;
+        config.key_log = Arc::new(record::TrafficCapture);
         let mode = match ktls {
             crate::config::KtlsChoice::Off => {
                 tracing::info!("userspace TLS: --ktls off");

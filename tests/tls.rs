@@ -689,3 +689,76 @@ fn a_client_close_notify_is_answered_with_ours() {
     assert!(text.ends_with("ok\n"), "{text}");
     s.stop();
 }
+
+#[test]
+fn sealed_sessions_follow_key_updates_and_refuse_forged_records() {
+    let pki = Pki::new();
+    let Some((s, tls)) = tls_server(&pki, |_| {}) else {
+        return;
+    };
+    let mut streams = Vec::new();
+    for (i, v) in [&rustls::version::TLS13, &rustls::version::TLS12]
+        .into_iter()
+        .enumerate()
+    {
+        let cfg = pki.client().versions(&[v]).build();
+        streams.push(TlsClient::tls_subscribe(
+            tls,
+            &cfg,
+            &format!("/events/ku{i}"),
+        ));
+    }
+    wait_streams(s.addr, 2);
+    // Both sessions left rustls once their handshakes were done.
+    assert_eq!(metric(s.addr, "herald_tls_sessions_sealed_total"), 2);
+    assert_eq!(metric(s.addr, "herald_tls_sessions_kept_total"), 0);
+    // TLS 1.3: the client updates its keys (and asks for ours) between events, on the
+    // stream and on a keep-alive connection between requests.
+    let cfg13 = pki.client().versions(&[&rustls::version::TLS13]).build();
+    let mut idle = connect(tls, "localhost", &cfg13).unwrap();
+    for round in 0..3 {
+        let c = &mut streams[0];
+        c.stream.conn.refresh_traffic_keys().unwrap();
+        c.stream.flush().unwrap();
+        ingest(s.ingest, &[event_line("ku0", &format!("after-{round}"))]);
+        assert_eq!(
+            c.wait_events(round + 1)[round].data,
+            format!("after-{round}")
+        );
+        idle.conn.refresh_traffic_keys().unwrap();
+        write!(idle, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        idle.flush().unwrap();
+        let (status, _, _) = read_head(&mut idle);
+        assert_eq!(status, 200, "round {round}");
+    }
+    wait_for("key updates to be counted", || {
+        metric(s.addr, "herald_tls_key_updates_total") == 6
+    });
+    // A forged record on the TLS 1.2 stream: a bad_record_mac alert, then the close.
+    let decrypt_before = metric(s.addr, "herald_tls_decrypt_errors_total");
+    let forged = streams.pop().unwrap();
+    let mut st = forged.stream;
+    let mut rec = vec![23u8, 3, 3, 0, 40];
+    rec.extend_from_slice(&[0x5a; 40]);
+    st.sock.write_all(&rec).unwrap();
+    let mut rest = Vec::new();
+    let err = st.read_to_end(&mut rest).expect_err("an alert");
+    let alert = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .cloned();
+    assert_eq!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadRecordMac
+        ))
+    );
+    assert_eq!(
+        metric(s.addr, "herald_tls_decrypt_errors_total"),
+        decrypt_before + 1
+    );
+    // The other stream keeps receiving.
+    ingest(s.ingest, &[event_line("ku0", "still")]);
+    assert_eq!(streams[0].wait_events(4)[3].data, "still");
+    s.stop();
+}

@@ -11,11 +11,18 @@
 //! buffer goes back to the pool once fully written, and only then are the frames it
 //! carries consumed, so a partial write resumes from the ciphertext, never re-encrypts.
 //! An idle TLS stream holds its session state and nothing else.
+//!
+//! Session state: rustls runs the handshake. Once it is over and its last flight encoded,
+//! the session is sealed: taken out of rustls with its keys into `tls::record::Sealed`
+//! (about 200 bytes), which seals and opens records from then on. A session that cannot
+//! be sealed (its TLS 1.3 traffic secrets were not seen) stays whole in rustls, which
+//! works the same, only larger.
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 
 use super::{flag, ConnId, Core, Phase};
+use crate::tls::record::{self, Fault, Sealed};
 
 /// Most plaintext encrypted for one write: four full records.
 pub const TLS_WRITE_MAX: usize = 4 * RECORD_MAX;
@@ -50,9 +57,22 @@ pub enum TlsFailure {
     Other,
 }
 
+/// A connection's session: rustls' during the handshake, herald's record layer after.
+/// The sealed state is inline on purpose: it is what an idle stream keeps, and inline it
+/// costs no allocation of its own (the whole `TlsConn` is boxed).
+#[allow(clippy::large_enum_variant)]
+enum Session {
+    Shake(Box<UnbufferedServerConnection>),
+    Sealed(Sealed),
+    /// Between the two, for the moment of the hand-over.
+    Spent,
+}
+
 /// One connection's TLS state.
 pub(crate) struct TlsConn {
-    conn: UnbufferedServerConnection,
+    session: Session,
+    /// The TLS 1.3 traffic secrets seen during the handshake, until the session is sealed.
+    traffic: Option<Box<record::Traffic>>,
     /// Ciphertext received and not yet processed; freed when empty.
     incoming: Vec<u8>,
     /// Ciphertext being written: `out[sent..]` is still to go.
@@ -67,6 +87,8 @@ pub(crate) struct TlsConn {
     closed: bool,
     /// Nothing has been read yet (plain-HTTP detection).
     first: bool,
+    /// The session stays with rustls (counted once).
+    kept: bool,
     /// Buffer bytes this connection holds, as last counted in `Core::tls_held`.
     held: usize,
 }
@@ -205,7 +227,8 @@ impl<H: Default> Core<H> {
             self.tls.resize_with(i + 1, || None);
         }
         self.tls[i] = Some(Box::new(TlsConn {
-            conn,
+            session: Session::Shake(Box::new(conn)),
+            traffic: None,
             incoming: Vec::new(),
             out: Vec::new(),
             sent: 0,
@@ -214,6 +237,7 @@ impl<H: Default> Core<H> {
             handshaking: true,
             closed: false,
             first: true,
+            kept: false,
             held: 0,
         }));
         self.tls_handshaking += 1;
@@ -314,82 +338,75 @@ impl<H: Default> Core<H> {
         t.incoming.extend_from_slice(data);
         let mut plain: Vec<u8> = Vec::new();
         let mut peer_closed = false;
-        let mut failure = None;
-        for _ in 0..1024 {
-            let TlsConn {
-                conn,
-                incoming,
-                extra,
-                ..
-            } = &mut *t;
-            let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming);
-            let mut stop = false;
-            match state {
-                Err(e) => {
-                    failure = Some(e);
-                    stop = true;
+        let mut failure: Option<TlsFailure> = None;
+        let TlsConn {
+            session,
+            incoming,
+            extra,
+            traffic,
+            handshaking,
+            ..
+        } = &mut *t;
+        match session {
+            Session::Sealed(s) => match s.open(incoming, &mut plain, extra) {
+                Ok((used, closed)) => {
+                    incoming.drain(..used);
+                    peer_closed = closed;
+                    self.counters.tls_key_updates += u64::from(s.take_key_updates());
                 }
-                Ok(ConnectionState::ReadTraffic(mut r)) => {
-                    while let Some(rec) = r.next_record() {
-                        match rec {
-                            Ok(rec) => plain.extend_from_slice(rec.payload),
-                            Err(e) => {
-                                failure = Some(e);
-                                stop = true;
-                                break;
-                            }
+                Err(f) => {
+                    failure = Some(match f {
+                        Fault::Decrypt => TlsFailure::Decrypt,
+                        Fault::Protocol | Fault::AlertReceived => TlsFailure::Protocol,
+                    });
+                    tracing::debug!(worker = self.id, conn = c, fault = ?f, "TLS connection failed");
+                }
+            },
+            Session::Shake(conn) => {
+                let e = shake_read(
+                    conn,
+                    incoming,
+                    extra,
+                    traffic,
+                    *handshaking,
+                    &mut plain,
+                    &mut peer_closed,
+                );
+                if let Some(e) = e {
+                    failure = Some(classify(&e));
+                    tracing::debug!(worker = self.id, conn = c, error = %e, "TLS connection failed");
+                    // rustls queued the alert, if one is due: encode it behind what is
+                    // queued.
+                    for _ in 0..4 {
+                        let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);
+                        let Ok(ConnectionState::EncodeTlsData(mut enc)) = state else {
+                            break;
+                        };
+                        if encode_into(extra, |b| enc.encode(b).map_err(encode_err)).is_err() {
+                            break;
                         }
                     }
                 }
-                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    if extra.len() > EXTRA_MAX
-                        || encode_into(extra, |b| enc.encode(b).map_err(encode_err)).is_err()
-                    {
-                        failure = Some(rustls::Error::General("TLS output too large".into()));
-                        stop = true;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(tx)) => tx.done(),
-                Ok(ConnectionState::PeerClosed) => peer_closed = true,
-                // WriteTraffic (nothing more to do), BlockedHandshake, Closed, early data
-                // (never enabled), and states added by later rustls versions: wait for
-                // more input.
-                Ok(_) => stop = true,
             }
-            incoming.drain(..discard);
-            if stop {
-                break;
-            }
+            Session::Spent => failure = Some(TlsFailure::Other),
         }
         if t.incoming.is_empty() {
             t.incoming = Vec::new();
         }
         let mut h2 = false;
-        if t.handshaking && !t.conn.is_handshaking() {
-            t.handshaking = false;
-            self.tls_handshaking -= 1;
-            self.counters.tls_handshakes += 1;
-            h2 = t.conn.alpn_protocol() == Some(b"h2");
-        }
-        if let Some(e) = failure {
-            self.count_tls_failure(classify(&e));
-            tracing::debug!(worker = self.id, conn = c, error = %e, "TLS connection failed");
-            // rustls queued the alert, if one is due: encode it behind what is queued.
-            let TlsConn {
-                conn,
-                incoming,
-                extra,
-                ..
-            } = &mut *t;
-            for _ in 0..4 {
-                let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);
-                let Ok(ConnectionState::EncodeTlsData(mut enc)) = state else {
-                    break;
-                };
-                if encode_into(extra, |b| enc.encode(b).map_err(encode_err)).is_err() {
-                    break;
-                }
+        if let Session::Shake(conn) = &t.session {
+            if t.handshaking && !conn.is_handshaking() {
+                t.handshaking = false;
+                self.tls_handshaking -= 1;
+                self.counters.tls_handshakes += 1;
+                h2 = conn.alpn_protocol() == Some(b"h2");
             }
+        }
+        if failure.is_none() && !t.handshaking && !self.seal_session(c, &mut t) {
+            failure = Some(TlsFailure::Other);
+        }
+        if let Some(why) = failure {
+            self.count_tls_failure(why);
             t.closed = true;
             return self.tls_close_after_output(c, t);
         }
@@ -416,15 +433,8 @@ impl<H: Default> Core<H> {
                 self.handle_eof(c);
             } else if let Some(mut t) = self.tls.get_mut(c as usize).and_then(Option::take) {
                 // Answer the client's close_notify with ours, then close.
-                let TlsConn { conn, extra, .. } = &mut *t;
-                if flush_output(conn, extra) {
-                    if let Ok(ConnectionState::WriteTraffic(mut w)) =
-                        conn.process_tls_records(&mut []).state
-                    {
-                        let _ =
-                            encode_into(extra, |b| w.queue_close_notify(b).map_err(encrypt_err));
-                    }
-                }
+                let TlsConn { session, extra, .. } = &mut *t;
+                close_notify(session, extra);
                 t.closed = true;
                 return self.tls_close_after_output(c, t);
             }
@@ -495,16 +505,16 @@ impl<H: Default> Core<H> {
                 self.tls_bufs.plain.clear();
                 // The connection ends with this write: say so in TLS too.
                 if t.covers > 0 && self.ends_after(c, t.covers) {
-                    let TlsConn { conn, out, .. } = &mut *t;
-                    if flush_output(conn, out) {
-                        if let Ok(ConnectionState::WriteTraffic(mut w)) =
-                            conn.process_tls_records(&mut []).state
-                        {
-                            let _ =
-                                encode_into(out, |b| w.queue_close_notify(b).map_err(encrypt_err));
-                        }
-                    }
+                    let TlsConn { session, out, .. } = &mut *t;
+                    close_notify(session, out);
                     t.closed = true;
+                }
+                if t.closed && t.covers == 0 {
+                    // The session could seal nothing more (a TLS 1.2 session at its
+                    // cipher's limit, whose close_notify is in `out`): close once out.
+                    if let Some(conn) = self.conns.get_mut(c as usize) {
+                        conn.flags |= flag::TLS_CLOSE;
+                    }
                 }
             }
         }
@@ -514,18 +524,79 @@ impl<H: Default> Core<H> {
     /// Encrypt `plain` onto `t.out`. False (nothing added) if rustls refused, which ends
     /// the connection.
     fn encrypt(&mut self, t: &mut TlsConn, plain: &[u8]) -> bool {
-        let TlsConn { conn, out, .. } = t;
-        let ok = flush_output(conn, out)
-            && match conn.process_tls_records(&mut []).state {
-                Ok(ConnectionState::WriteTraffic(mut w)) => {
-                    encode_into(out, |b| w.encrypt(plain, b).map_err(encrypt_err)).is_ok()
+        let TlsConn { session, out, .. } = t;
+        match session {
+            Session::Sealed(s) => {
+                out.reserve(Sealed::sealed_len(plain.len()));
+                if s.seal(plain, out) {
+                    return true;
                 }
-                _ => false,
-            };
-        if !ok {
-            self.counters.tls_other_errors += 1;
+                // At the cipher's limit: the session ended itself with a close_notify.
+                t.closed = true;
+                false
+            }
+            Session::Shake(conn) => {
+                let ok = flush_output(conn, out)
+                    && match conn.process_tls_records(&mut []).state {
+                        Ok(ConnectionState::WriteTraffic(mut w)) => {
+                            encode_into(out, |b| w.encrypt(plain, b).map_err(encrypt_err)).is_ok()
+                        }
+                        _ => false,
+                    };
+                if !ok {
+                    self.counters.tls_other_errors += 1;
+                }
+                ok
+            }
+            Session::Spent => false,
         }
-        ok
+    }
+
+    /// After the handshake: hand the session over to the record layer, once rustls has
+    /// nothing left to send. False if the hand-over lost the session (the connection
+    /// must close); a session that cannot be sealed stays with rustls.
+    fn seal_session(&mut self, c: ConnId, t: &mut TlsConn) -> bool {
+        let Session::Shake(conn) = &mut t.session else {
+            return true;
+        };
+        if conn.is_handshaking() || !flush_output(conn, &mut t.extra) {
+            return true;
+        }
+        let (Some(suite), Some(version)) =
+            (conn.negotiated_cipher_suite(), conn.protocol_version())
+        else {
+            return true;
+        };
+        if version == rustls::ProtocolVersion::TLSv1_3 && t.traffic.is_none() {
+            // Without its traffic secrets a TLS 1.3 session could not follow a key update.
+            if !t.kept {
+                t.kept = true;
+                self.counters.tls_sessions_kept += 1;
+            }
+            return true;
+        }
+        let Session::Shake(conn) = std::mem::replace(&mut t.session, Session::Spent) else {
+            return true;
+        };
+        let sealed = conn
+            .dangerous_into_kernel_connection()
+            .map_err(|e| e.to_string())
+            .and_then(|(secrets, _kernel)| {
+                Sealed::new(secrets, suite.suite(), version, t.traffic.take())
+                    .map_err(|e| format!("{e:?}"))
+            });
+        t.traffic = None;
+        match sealed {
+            Ok(s) => {
+                t.session = Session::Sealed(s);
+                self.counters.tls_sessions_sealed += 1;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(worker = self.id, conn = c, error = %e, "TLS session hand-over failed; closing the connection");
+                false
+            }
+        }
     }
 
     /// Whether the connection closes once `covered` bytes of its pending frames are out:
@@ -595,6 +666,90 @@ impl<H: Default> Core<H> {
         t.held = now;
         self.tls_bufs.give(done);
         covers
+    }
+}
+
+/// Drive rustls over what `incoming` holds: handshake messages answered onto `extra`,
+/// application data appended to `plain`. The traffic secrets rustls derives meanwhile are
+/// kept in `traffic`. Returns the error that ended the connection, if one did.
+fn shake_read(
+    conn: &mut UnbufferedServerConnection,
+    incoming: &mut Vec<u8>,
+    extra: &mut Vec<u8>,
+    traffic: &mut Option<Box<record::Traffic>>,
+    handshaking: bool,
+    plain: &mut Vec<u8>,
+    peer_closed: &mut bool,
+) -> Option<rustls::Error> {
+    for _ in 0..1024 {
+        if handshaking {
+            record::clear_captured();
+        }
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming);
+        if handshaking {
+            if let Some(seen) = record::take_captured() {
+                *traffic = Some(seen);
+            }
+        }
+        let mut stop = false;
+        let mut failure = None;
+        match state {
+            Err(e) => {
+                failure = Some(e);
+                stop = true;
+            }
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                while let Some(rec) = r.next_record() {
+                    match rec {
+                        Ok(rec) => plain.extend_from_slice(rec.payload),
+                        Err(e) => {
+                            failure = Some(e);
+                            stop = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                if extra.len() > EXTRA_MAX
+                    || encode_into(extra, |b| enc.encode(b).map_err(encode_err)).is_err()
+                {
+                    failure = Some(rustls::Error::General("TLS output too large".into()));
+                    stop = true;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(tx)) => tx.done(),
+            Ok(ConnectionState::PeerClosed) => *peer_closed = true,
+            // WriteTraffic (nothing more to do), BlockedHandshake, Closed, early data
+            // (never enabled), and states added by later rustls versions: wait for more
+            // input.
+            Ok(_) => stop = true,
+        }
+        incoming.drain(..discard);
+        if failure.is_some() {
+            return failure;
+        }
+        if stop {
+            break;
+        }
+    }
+    None
+}
+
+/// Queue a close_notify for the peer onto `out`.
+fn close_notify(session: &mut Session, out: &mut Vec<u8>) {
+    match session {
+        Session::Sealed(s) => s.alert(record::CLOSE_NOTIFY, out),
+        Session::Shake(conn) => {
+            if flush_output(conn, out) {
+                if let Ok(ConnectionState::WriteTraffic(mut w)) =
+                    conn.process_tls_records(&mut []).state
+                {
+                    let _ = encode_into(out, |b| w.queue_close_notify(b).map_err(encrypt_err));
+                }
+            }
+        }
+        Session::Spent => {}
     }
 }
 
