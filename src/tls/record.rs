@@ -43,7 +43,7 @@ const TAG: usize = 16;
 const GCM_EXPLICIT: usize = 8;
 
 const CT_ALERT: u8 = 21;
-const CT_HANDSHAKE: u8 = 22;
+pub(crate) const CT_HANDSHAKE: u8 = 22;
 const CT_DATA: u8 = 23;
 const HS_KEY_UPDATE: u8 = 24;
 
@@ -72,6 +72,9 @@ pub enum Fault {
     Decrypt,
     /// The peer sent a fatal alert.
     AlertReceived,
+    /// The peer asked for a key update that the kernel sealing this connection's records
+    /// cannot make (a close_notify has been queued).
+    Rekey,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -263,7 +266,49 @@ pub struct Sealed {
     done: bool,
     /// KeyUpdates followed since [`Sealed::take_key_updates`] was last called.
     key_updates: u16,
+    /// Sending is done by the kernel (kTLS `TLS_TX`): application data is not sealed
+    /// here, and the records herald must send itself (alerts, KeyUpdates) are queued as
+    /// plaintext records for the backend to send with their record type (see
+    /// [`Sealed::to_kernel`]).
+    kernel: Option<KernelTx>,
 }
+
+/// What the record layer tracks once the kernel seals its records.
+#[derive(Clone, Copy, Debug)]
+struct KernelTx {
+    /// The kernel can replace its sending key (TLS 1.3 rekey, Linux 6.14 and later).
+    rekey: bool,
+    /// Records the kernel may have sealed under its current key (an upper bound).
+    records: u64,
+    /// The sending keys changed (a KeyUpdate was queued): the kernel needs the new ones
+    /// once that record is out.
+    changed: bool,
+}
+
+/// A `struct tls12_crypto_info_*` for `setsockopt(SOL_TLS, TLS_TX)`, as bytes in the
+/// kernel's layout (`include/uapi/linux/tls.h`): the version and cipher (native-endian
+/// u16s), then iv, key, salt and the big-endian record sequence number.
+#[derive(Clone)]
+pub struct KernelKeys {
+    bytes: [u8; 56],
+    len: usize,
+}
+
+impl KernelKeys {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl Drop for KernelKeys {
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+    }
+}
+
+/// A record queued for the kernel to seal, as the backend sends it: its content type,
+/// then its plaintext (`[type, len_hi, len_lo, body…]`).
+pub const KERNEL_RECORD_HEADER: usize = 3;
 
 /// Why a session could not be sealed (it then stays with rustls).
 #[derive(Debug)]
@@ -339,7 +384,110 @@ impl Sealed {
             in_a_row: 0,
             done: false,
             key_updates: 0,
+            kernel: None,
         })
+    }
+
+    /// From now on the kernel seals what this connection sends (its `TLS_TX` is set with
+    /// [`Sealed::kernel_keys`]). `rekey`: the kernel can take new sending keys (TLS 1.3
+    /// key updates).
+    pub fn to_kernel(&mut self, rekey: bool) {
+        self.kernel = Some(KernelTx {
+            rekey: rekey && self.hash.is_some(),
+            records: 0,
+            changed: false,
+        });
+    }
+
+    /// Whether the kernel seals this connection's records.
+    pub fn in_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// The sending keys changed since the kernel last took them (a KeyUpdate is queued
+    /// ahead of any new data): install [`Sealed::kernel_keys`] once it is out.
+    pub fn kernel_changed(&self) -> bool {
+        self.kernel.is_some_and(|k| k.changed)
+    }
+
+    /// The kernel took the current sending keys. Until then no further KeyUpdate is
+    /// queued: the one queued answers every request that came meanwhile (RFC 8446
+    /// §4.6.3), and the kernel holds one generation of keys at a time.
+    pub fn kernel_took_keys(&mut self) {
+        if let Some(k) = self.kernel.as_mut() {
+            k.changed = false;
+        }
+    }
+
+    /// The sending direction's keys for the kernel, at the next record to send.
+    pub fn kernel_keys(&self) -> KernelKeys {
+        let (version, cipher, key_len, salt_len) = match (self.hash.is_some(), self.cipher) {
+            (true, Cipher::Aes128Gcm) => (0x0304u16, 51u16, 16, 4),
+            (true, Cipher::Aes256Gcm) => (0x0304, 52, 32, 4),
+            (true, Cipher::Chacha20Poly1305) => (0x0304, 54, 32, 0),
+            (false, Cipher::Aes128Gcm) => (0x0303, 51, 16, 4),
+            (false, Cipher::Aes256Gcm) => (0x0303, 52, 32, 4),
+            (false, Cipher::Chacha20Poly1305) => (0x0303, 54, 32, 0),
+        };
+        let d = &self.tx;
+        let mut b = [0u8; 56];
+        b[..2].copy_from_slice(&version.to_ne_bytes());
+        b[2..4].copy_from_slice(&cipher.to_ne_bytes());
+        let mut at = 4;
+        let mut put = |x: &[u8]| {
+            b[at..at + x.len()].copy_from_slice(x);
+            at += x.len();
+        };
+        if salt_len == 0 {
+            // ChaCha20-Poly1305: the whole 12-byte IV; the kernel XORs in the sequence.
+            put(&d.iv);
+            put(&d.key[..key_len]);
+        } else if self.hash.is_some() {
+            // TLS 1.3 AES-GCM: salt ‖ iv is the static IV the sequence is XORed into.
+            put(&d.iv[4..]);
+            put(&d.key[..key_len]);
+            put(&d.iv[..4]);
+        } else {
+            // TLS 1.2 AES-GCM: `iv` is the explicit nonce of the next record, which the
+            // kernel then increments per record. Start it where this layer's nonces
+            // (IV XOR sequence) would be, so it follows on from them.
+            put(&self.tx.nonce(d.seq).as_ref()[4..]);
+            put(&d.key[..key_len]);
+            put(&d.iv[..4]);
+        }
+        put(&d.seq.to_be_bytes());
+        KernelKeys { bytes: b, len: at }
+    }
+
+    /// The kernel sealed about `records` more records of application data. Before its
+    /// cipher's limit: TLS 1.3 with a kernel that can rekey queues a KeyUpdate (new keys
+    /// to install), otherwise a close_notify is queued and false says the connection
+    /// ends.
+    pub fn kernel_sent(&mut self, records: u64, out: &mut Vec<u8>) -> bool {
+        let limit = self.cipher.limit();
+        let Some(k) = self.kernel.as_mut() else {
+            return true;
+        };
+        k.records = k.records.saturating_add(records);
+        if k.records + 64 < limit || self.done {
+            return !self.done;
+        }
+        if k.rekey {
+            if !k.changed {
+                self.queue_kernel(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 0], out);
+                self.update_tx();
+            }
+            true
+        } else {
+            self.alert(CLOSE_NOTIFY, out);
+            false
+        }
+    }
+
+    fn queue_kernel(&mut self, typ: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(typ);
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(body);
     }
 
     /// Whether this is TLS 1.3.
@@ -399,6 +547,9 @@ impl Sealed {
     }
 
     fn seal_record(&mut self, key: &LessSafeKey, typ: u8, body: &[u8], out: &mut Vec<u8>) {
+        if self.kernel.is_some() {
+            return self.queue_kernel(typ, body, out);
+        }
         let seq = self.tx.seq;
         self.tx.seq += 1;
         let nonce = self.tx.nonce(seq);
@@ -438,6 +589,10 @@ impl Sealed {
     fn update_tx(&mut self) {
         let hash = self.hash.expect("TLS 1.3");
         update(hash, self.cipher, &mut self.tx);
+        if let Some(k) = self.kernel.as_mut() {
+            k.records = 0;
+            k.changed = true;
+        }
     }
 
     /// Open every complete record at the front of `incoming`: application data is
@@ -588,7 +743,13 @@ impl Sealed {
                         update(hash, self.cipher, &mut self.rx);
                         self.key_updates = self.key_updates.saturating_add(1);
                         key = None;
-                        if requested && !self.done {
+                        if requested && self.kernel.is_some_and(|k| !k.rekey) {
+                            // The kernel cannot take new sending keys, so the update the
+                            // peer asks for cannot be made: end the connection cleanly.
+                            self.alert(CLOSE_NOTIFY, out);
+                            return Err(Fault::Rekey);
+                        }
+                        if requested && !self.done && !self.kernel_changed() {
                             let k = self.tx.aead(self.cipher);
                             self.seal_record(&k, CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 0], out);
                             self.update_tx();
@@ -663,5 +824,7 @@ fn update(hash: hkdf::Algorithm, cipher: Cipher, d: &mut Dir) {
     d.seq = 0;
 }
 
+#[cfg(test)]
+pub(crate) mod kernel_model;
 #[cfg(test)]
 mod tests;

@@ -9,6 +9,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::{ClientConnection, SupportedCipherSuite};
 
+use super::kernel_model::KernelModel;
 use super::*;
 
 const CT_CCS: u8 = 20;
@@ -153,6 +154,7 @@ impl Pair {
             in_a_row: 0,
             done: false,
             key_updates: 0,
+            kernel: None,
         }
     }
 }
@@ -447,4 +449,120 @@ fn secrets_from_another_handshake_are_not_accepted() {
         ),
         Err(NotSealed::Secrets)
     ));
+}
+
+#[test]
+fn kernel_keys_continue_the_session_in_the_kernel_for_every_suite() {
+    for suite in suites() {
+        let mut p = handshake(suite);
+        // Some records sealed here first: the kernel must continue their sequence.
+        for msg in [&b"HTTP/1.1 200 OK\r\n\r\n"[..], b"data: one\n\n"] {
+            let mut wire = Vec::new();
+            assert!(p.server.seal(msg, &mut wire));
+            assert_eq!(p.deliver(&wire).unwrap(), msg, "{suite:?}");
+        }
+        let keys = p.server.kernel_keys();
+        p.server.to_kernel(true);
+        let mut k = KernelModel::install(keys.as_bytes());
+        for i in 0..3 {
+            let msg = format!("data: via the kernel {i}\n\n");
+            let mut wire = Vec::new();
+            k.seal(CT_DATA, msg.as_bytes(), &mut wire);
+            assert_eq!(p.deliver(&wire).unwrap(), msg.as_bytes(), "{suite:?}");
+        }
+        // Receiving stays here: the client's records still open.
+        p.client.writer().write_all(b"ping").unwrap();
+        let mut wire = p.client_wire();
+        let (r, plain, out) = open_all(&mut p.server, &mut wire);
+        assert_eq!(
+            (r, plain.as_slice(), out.len()),
+            (Ok(false), &b"ping"[..], 0)
+        );
+        if p.server.is_tls13() {
+            // The client asks for a key update: ours is queued for the kernel, sealed
+            // under the old keys, and the new keys follow it.
+            p.client.refresh_traffic_keys().unwrap();
+            let mut wire = p.client_wire();
+            let (r, _, queued) = open_all(&mut p.server, &mut wire);
+            assert_eq!(r, Ok(false));
+            assert_eq!(queued, [CT_HANDSHAKE, 0, 5, HS_KEY_UPDATE, 0, 0, 1, 0]);
+            assert!(p.server.kernel_changed(), "{suite:?}: new keys to install");
+            // Asked again before the kernel took the new keys: the one KeyUpdate queued
+            // answers both.
+            p.client.refresh_traffic_keys().unwrap();
+            let mut again = p.client_wire();
+            let (r, _, more) = open_all(&mut p.server, &mut again);
+            assert_eq!((r, more.len()), (Ok(false), 0), "{suite:?}");
+            let mut wire = Vec::new();
+            k.seal_queued(&queued, &mut wire);
+            k = KernelModel::install(p.server.kernel_keys().as_bytes());
+            p.server.kernel_took_keys();
+            assert!(!p.server.kernel_changed());
+            k.seal(CT_DATA, b"under the new key", &mut wire);
+            assert_eq!(p.deliver(&wire).unwrap(), b"under the new key", "{suite:?}");
+        }
+        // The close_notify is queued for the kernel too.
+        let mut queued = Vec::new();
+        p.server.alert(CLOSE_NOTIFY, &mut queued);
+        assert_eq!(queued, [CT_ALERT, 0, 2, 1, CLOSE_NOTIFY]);
+        let mut wire = Vec::new();
+        k.seal_queued(&queued, &mut wire);
+        p.deliver(&wire).unwrap();
+        let mut b = [0u8; 4];
+        assert_eq!(
+            p.client.reader().read(&mut b).unwrap(),
+            0,
+            "{suite:?}: clean EOF"
+        );
+    }
+}
+
+#[test]
+fn in_the_kernel_the_record_limit_rekeys_or_ends_the_connection() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    // TLS 1.3, a kernel that takes new keys: a KeyUpdate is queued before the limit.
+    let mut p = handshake(cs::TLS13_AES_128_GCM_SHA256);
+    let mut k = KernelModel::install(p.server.kernel_keys().as_bytes());
+    p.server.to_kernel(true);
+    let mut queued = Vec::new();
+    assert!(p.server.kernel_sent(GCM_LIMIT / 2, &mut queued));
+    assert!(queued.is_empty() && !p.server.kernel_changed());
+    assert!(p.server.kernel_sent(GCM_LIMIT / 2, &mut queued));
+    assert_eq!(queued, [CT_HANDSHAKE, 0, 5, HS_KEY_UPDATE, 0, 0, 1, 0]);
+    assert!(p.server.kernel_changed());
+    // More records before the kernel has the new keys queue no second KeyUpdate.
+    assert!(p.server.kernel_sent(GCM_LIMIT, &mut queued));
+    assert_eq!(queued.len(), 8);
+    let mut wire = Vec::new();
+    k.seal_queued(&queued, &mut wire);
+    let mut k = KernelModel::install(p.server.kernel_keys().as_bytes());
+    k.seal(CT_DATA, b"fresh", &mut wire);
+    assert_eq!(p.deliver(&wire).unwrap(), b"fresh");
+    // TLS 1.3 on a kernel that cannot rekey, and TLS 1.2: a close_notify instead.
+    for (suite, rekey) in [
+        (cs::TLS13_AES_256_GCM_SHA384, false),
+        (cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, true),
+    ] {
+        let mut p = handshake(suite);
+        p.server.to_kernel(rekey);
+        let mut queued = Vec::new();
+        assert!(!p.server.kernel_sent(GCM_LIMIT, &mut queued), "{suite:?}");
+        assert_eq!(queued, [CT_ALERT, 0, 2, 1, CLOSE_NOTIFY]);
+        assert!(!p.server.kernel_changed());
+    }
+    // ChaCha20 has no such limit.
+    let mut p = handshake(cs::TLS13_CHACHA20_POLY1305_SHA256);
+    p.server.to_kernel(true);
+    assert!(p.server.kernel_sent(1 << 40, &mut Vec::new()));
+}
+
+#[test]
+fn a_peer_key_update_a_kernel_cannot_make_ends_the_connection_cleanly() {
+    let mut p = handshake(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
+    p.server.to_kernel(false);
+    p.client.refresh_traffic_keys().unwrap();
+    let mut wire = p.client_wire();
+    let (r, _, queued) = open_all(&mut p.server, &mut wire);
+    assert_eq!(r, Err(Fault::Rekey));
+    assert_eq!(queued, [CT_ALERT, 0, 2, 1, CLOSE_NOTIFY]);
 }
