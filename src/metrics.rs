@@ -100,6 +100,9 @@ counters! {
     tls_sessions_sealed: "counter", "TLS sessions handed from rustls to herald's record layer after the handshake (an idle one then holds only its keys)";
     tls_sessions_kept: "counter", "TLS sessions left whole in rustls after the handshake (their TLS 1.3 traffic secrets were not seen)";
     tls_key_updates: "counter", "TLS 1.3 KeyUpdate messages received and followed on sealed sessions";
+    tls_kernel_sessions: "counter", "TLS sessions whose sending was handed to the kernel (kTLS TLS_TX) after the handshake";
+    tls_kernel_rekeys: "counter", "New TLS 1.3 sending keys installed in the kernel after a key update";
+    tls_kernel_failures: "counter", "kTLS hand-overs the kernel refused (the session stays in userspace; a failed rekey closes it)";
     h2_connections: "counter", "HTTP/2 connections (ALPN h2 on the TLS listener, or prior knowledge on --listen)";
     h2_streams: "counter", "HTTP/2 streams opened by clients (each carries one request)";
     h2_streams_open: "gauge", "HTTP/2 streams currently open";

@@ -148,6 +148,10 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 pub enum KtlsMode {
     /// Records are encrypted in userspace, per write.
     Userspace,
+    /// After the handshake the kernel seals what a connection sends (`TLS_TX`): the
+    /// send path is then the plaintext one, a shared event's bytes for every socket.
+    /// `rekey`: the kernel takes new TLS 1.3 sending keys (Linux 6.14 and later).
+    Kernel { rekey: bool },
 }
 
 /// Everything the workers need for TLS.
@@ -205,15 +209,21 @@ impl Tls {
                 tracing::info!("userspace TLS: --ktls off");
                 KtlsMode::Userspace
             }
-            crate::config::KtlsChoice::Auto => {
-                match probe_ktls() {
-                    Err(why) => tracing::info!("userspace TLS: {why}"),
-                    Ok(()) => tracing::info!(
-                        "userspace TLS: the kernel has a working tls ULP, but herald encrypts in userspace (kernel hand-over is not built yet)"
-                    ),
+            crate::config::KtlsChoice::Auto => match probe_ktls() {
+                Err(why) => {
+                    tracing::info!("userspace TLS: {why}");
+                    KtlsMode::Userspace
                 }
-                KtlsMode::Userspace
-            }
+                Ok(()) => {
+                    let rekey = kernel_can_rekey();
+                    if rekey {
+                        tracing::info!("kernel TLS: the kernel seals what connections send after the handshake (tls ULP, TLS_TX; TLS 1.3 key updates installed in the kernel)");
+                    } else {
+                        tracing::info!("kernel TLS: the kernel seals what connections send after the handshake (tls ULP, TLS_TX); this kernel cannot take new TLS 1.3 keys (before 6.14), so a connection is closed before its cipher's record limit or when its peer asks for a key update");
+                    }
+                    KtlsMode::Kernel { rekey }
+                }
+            },
         };
         Ok(Tls {
             config: Arc::new(config),
@@ -221,6 +231,27 @@ impl Tls {
             mode,
             hsts: hsts.map(|d| format!("Strict-Transport-Security: max-age={}\r\n", d.as_secs())),
         })
+    }
+}
+
+/// Whether the running kernel takes new TLS 1.3 keys on a kTLS socket (key update
+/// support: Linux 6.14 and later), from its release string.
+fn kernel_can_rekey() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    release_at_least(&release, (6, 14))
+}
+
+/// Whether a kernel release string (`6.18.44-foo`) is at least `major.minor`.
+pub fn release_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut it = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
     }
 }
 
@@ -260,4 +291,19 @@ pub fn probe_ktls() -> Result<(), String> {
         return Err("kTLS record did not round-trip".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::release_at_least;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(release_at_least("6.18.44-fc-v1098\n", (6, 14)));
+        assert!(release_at_least("6.14.0", (6, 14)));
+        assert!(!release_at_least("6.13.12-arch1", (6, 14)));
+        assert!(!release_at_least("5.19.0", (6, 14)));
+        assert!(release_at_least("7.0-rc1", (6, 14)));
+        assert!(!release_at_least("garbage", (6, 14)));
+    }
 }

@@ -13,6 +13,7 @@ use super::{ConnId, Core, Shared, MAX_IOVECS};
 use crate::config::Config;
 use crate::fanout::bus::Published;
 use crate::sse::event::Publish;
+use crate::tls::record::kernel_model::KernelModel;
 
 /// The far end of one connection, as the fake backend sees it.
 #[derive(Debug, Default)]
@@ -21,6 +22,11 @@ pub struct Peer {
     pub out: Vec<u8>,
     /// The write the core started and the test has not completed yet.
     pub inflight: Option<Vec<u8>>,
+    /// Its record type, if it is one of herald's own records on a kernel-TLS socket.
+    pub inflight_type: Option<u8>,
+    /// Kernel TLS: the model of the kernel sealing what this socket sends, once the core
+    /// installed keys on it.
+    pub kernel: Option<KernelModel>,
 }
 
 pub struct Harness {
@@ -29,6 +35,8 @@ pub struct Harness {
     pub now: Instant,
     /// Connections the core closed and released, with what their client received.
     pub closed: Vec<(ConnId, Peer)>,
+    /// Kernel TLS: refuse the key installs the core asks for (as a kernel might).
+    pub refuse_ktls: bool,
 }
 
 impl Harness {
@@ -40,14 +48,35 @@ impl Harness {
         };
         tweak(&mut config);
         config.workers = 1;
-        let shared = Shared::new(config);
+        Harness::with_shared(Shared::new(config))
+    }
+
+    /// One worker that also serves TLS with `tls` (its `mode` as the test set it).
+    pub fn with_tls(tweak: impl FnOnce(&mut Config), tls: crate::tls::Tls) -> Harness {
+        let mut config = Config {
+            workers: 1,
+            ..Config::default()
+        };
+        tweak(&mut config);
+        config.workers = 1;
+        Harness::with_shared(Shared::with_tls(config, Some(tls)))
+    }
+
+    fn with_shared(shared: Arc<Shared>) -> Harness {
         let now = Instant::now();
         Harness {
             core: Core::new(0, shared.clone(), now),
             shared,
             now,
             closed: Vec::new(),
+            refuse_ktls: false,
         }
+    }
+
+    /// A client connects to the TLS listener from loopback.
+    pub fn connect_tls(&mut self) -> ConnId {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        self.core.handle_accept(Peer::default(), Some(ip), true)
     }
 
     /// A client connects from loopback (allowed to publish by default).
@@ -107,9 +136,29 @@ impl Harness {
             let mut iov = [std::io::IoSlice::new(&[]); MAX_IOVECS];
             let (n, _) = self.core.fill(c, &mut iov);
             let bytes: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            let typ = self.core.ktls_record_type(c);
             let peer = &mut self.core.conn_mut(c).expect("ready conn exists").handle;
             assert!(peer.inflight.is_none(), "two writes in flight on {c}");
+            assert!(
+                typ.is_none() || peer.kernel.is_some(),
+                "a typed record on a socket without kernel TLS"
+            );
             peer.inflight = Some(bytes);
+            peer.inflight_type = typ;
+        }
+        // Kernel TLS: install what the core hands over, as the backends do after writes.
+        let mut due = Vec::new();
+        self.core.take_ktls_installs(&mut due);
+        for (c, keys, _ulp) in due {
+            let peer = &mut self.core.conn_mut(c).expect("conn exists").handle;
+            assert!(
+                peer.inflight.is_none(),
+                "keys installed under a write in flight"
+            );
+            if !self.refuse_ktls {
+                peer.kernel = Some(KernelModel::install(keys.as_bytes()));
+            }
+            self.core.ktls_installed(c, !self.refuse_ktls);
         }
         self.reap_closes();
     }
@@ -153,7 +202,17 @@ impl Harness {
         let conn = self.core.conn_mut(c).expect("conn exists");
         let bytes = conn.handle.inflight.take().expect("a write in flight");
         let n = n.min(bytes.len());
-        conn.handle.out.extend_from_slice(&bytes[..n]);
+        let peer = &mut conn.handle;
+        match peer.kernel.as_mut() {
+            // The kernel seals what the socket took, as records of at most 16 KiB.
+            Some(k) => {
+                let typ = peer.inflight_type.take().unwrap_or(23);
+                for rec in bytes[..n].chunks(16 << 10) {
+                    k.seal(typ, rec, &mut peer.out);
+                }
+            }
+            None => peer.out.extend_from_slice(&bytes[..n]),
+        }
         self.core.handle_written(c, n, done);
         self.reap_closes();
     }

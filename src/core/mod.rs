@@ -42,6 +42,8 @@ mod h2;
 mod harness;
 mod http;
 #[cfg(test)]
+mod ktls_tests;
+#[cfg(test)]
 mod tests;
 mod timers;
 mod tls;
@@ -196,6 +198,8 @@ mod flag {
     pub const H2S: u16 = 4096;
     /// An HTTP/2 connection: its state is in `Core::h2`.
     pub const H2: u16 = 8192;
+    /// TLS whose sending the kernel does (kTLS `TLS_TX`): writes go out as plaintext.
+    pub const KTX: u16 = 16384;
 }
 
 /// One subscription of a connection: a cursor into a local topic log.
@@ -370,6 +374,8 @@ pub struct Core<H> {
     tls: Vec<Option<Box<tls::TlsConn>>>,
     tls_bufs: tls::TlsBufs,
     tls_handshaking: usize,
+    /// TLS connections whose sending keys the backend is to install in the kernel.
+    ktls_installs: Vec<ConnId>,
     /// Bytes of buffers TLS connections hold (the pool's own are not counted).
     tls_held: usize,
     /// Authentication and access-log state by connection id (empty when neither is on).
@@ -428,6 +434,7 @@ impl<H: Default> Core<H> {
             tls: Vec::new(),
             tls_bufs: tls::TlsBufs::default(),
             tls_handshaking: 0,
+            ktls_installs: Vec::new(),
             tls_held: 0,
             info: Vec::new(),
             parked: Vec::new(),

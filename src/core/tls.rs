@@ -17,12 +17,36 @@
 //! (about 200 bytes), which seals and opens records from then on. A session that cannot
 //! be sealed (its TLS 1.3 traffic secrets were not seen) stays whole in rustls, which
 //! works the same, only larger.
+//!
+//! Kernel TLS (where the start-up probe found it, `KtlsMode::Kernel`): once a sealed
+//! session's userspace ciphertext is all written, its sending keys are installed in the
+//! kernel (`TCP_ULP "tls"`, `TLS_TX`) by the backend, and from then on the connection
+//! writes like a plaintext one: the shared event bytes go to the socket as they are and
+//! the kernel seals them. The few records herald still sends itself (an alert, a
+//! close_notify, a TLS 1.3 KeyUpdate) are queued in `extra` as plaintext records and sent
+//! one per write with their record type in a control message. After a KeyUpdate the new
+//! keys are installed once it is out, before any more data. Receiving stays in userspace
+//! (a subscriber sends little: its request and the odd key update), so reads need no
+//! control-message handling.
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 
 use super::{flag, ConnId, Core, Phase};
-use crate::tls::record::{self, Fault, Sealed};
+use crate::tls::record::{self, Fault, KernelKeys, Sealed, KERNEL_RECORD_HEADER};
+use crate::tls::KtlsMode;
+
+/// Where a sealed session's sending is, with kernel TLS (`TlsConn::ktx`).
+mod ktx {
+    /// Sealed in userspace (no kernel TLS, or the kernel refused it).
+    pub const OFF: u8 = 0;
+    /// Keys to install in the kernel once what userspace sealed is written.
+    pub const DUE: u8 = 1;
+    /// The backend is installing them; writes wait.
+    pub const BUSY: u8 = 2;
+    /// The kernel seals what the connection sends.
+    pub const ON: u8 = 3;
+}
 
 /// Most plaintext encrypted for one write: four full records.
 pub const TLS_WRITE_MAX: usize = 4 * RECORD_MAX;
@@ -89,6 +113,12 @@ pub(crate) struct TlsConn {
     first: bool,
     /// The session stays with rustls (counted once).
     kept: bool,
+    /// Kernel TLS state (`ktx::*`).
+    ktx: u8,
+    /// The `tls` ULP is on the socket (a rekey installs only `TLS_TX`).
+    ulp: bool,
+    /// The write in flight is the first record queued in `extra`, for the kernel to seal.
+    ctl_write: bool,
     /// Buffer bytes this connection holds, as last counted in `Core::tls_held`.
     held: usize,
 }
@@ -238,6 +268,9 @@ impl<H: Default> Core<H> {
             closed: false,
             first: true,
             kept: false,
+            ktx: ktx::OFF,
+            ulp: false,
+            ctl_write: false,
             held: 0,
         }));
         self.tls_handshaking += 1;
@@ -345,6 +378,7 @@ impl<H: Default> Core<H> {
             extra,
             traffic,
             handshaking,
+            ktx: kstate,
             ..
         } = &mut *t;
         match session {
@@ -353,11 +387,16 @@ impl<H: Default> Core<H> {
                     incoming.drain(..used);
                     peer_closed = closed;
                     self.counters.tls_key_updates += u64::from(s.take_key_updates());
+                    if s.kernel_changed() {
+                        // Our KeyUpdate is queued: the kernel takes the new keys after it.
+                        *kstate = ktx::DUE;
+                    }
                 }
                 Err(f) => {
                     failure = Some(match f {
                         Fault::Decrypt => TlsFailure::Decrypt,
                         Fault::Protocol | Fault::AlertReceived => TlsFailure::Protocol,
+                        Fault::Rekey => TlsFailure::Other,
                     });
                     tracing::debug!(worker = self.id, conn = c, fault = ?f, "TLS connection failed");
                 }
@@ -471,6 +510,8 @@ impl<H: Default> Core<H> {
         t.sent < t.out.len()
             || !t.extra.is_empty()
             || (plain_pending && !t.handshaking && !t.closed)
+            // Keys to hand to the kernel: the install goes through the write path.
+            || (t.ktx == ktx::DUE && !t.closed)
     }
 
     /// Before a write on TLS connection `c`: if the last ciphertext is all written, make
@@ -590,6 +631,10 @@ impl<H: Default> Core<H> {
             Ok(s) => {
                 t.session = Session::Sealed(s);
                 self.counters.tls_sessions_sealed += 1;
+                if self.ktls_mode().is_some() {
+                    t.ktx = ktx::DUE;
+                    self.mark_ready(c);
+                }
                 true
             }
             Err(e) => {
@@ -597,6 +642,206 @@ impl<H: Default> Core<H> {
                 false
             }
         }
+    }
+
+    /// Kernel TLS, if the probe found it: whether the kernel can rekey.
+    fn ktls_mode(&self) -> Option<bool> {
+        match self.shared.tls.as_ref()?.mode {
+            KtlsMode::Kernel { rekey } => Some(rekey),
+            KtlsMode::Userspace => None,
+        }
+    }
+
+    /// Before a write on TLS connection `c`: true if it must wait for its keys to go to
+    /// the kernel. Keys due are queued for the backend once nothing userspace sealed is
+    /// left to write (the kernel continues the record sequence from there); the
+    /// connection counts as writing until [`Core::ktls_installed`].
+    pub(super) fn ktls_hold(&mut self, c: ConnId) -> bool {
+        let in_kernel = self
+            .conns
+            .get(c as usize)
+            .is_some_and(|cn| cn.has(flag::KTX));
+        let Some(t) = self.tls.get_mut(c as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        // First hand-over: everything userspace sealed is written. A rekey: our KeyUpdate
+        // is written (what was queued after it must go under the new keys).
+        let ready = if in_kernel {
+            !queued_records(&t.extra).any(|typ| typ == record::CT_HANDSHAKE)
+        } else {
+            t.sent >= t.out.len() && t.extra.is_empty() && !t.closed
+        };
+        match t.ktx {
+            ktx::BUSY => true,
+            ktx::DUE if ready => {
+                t.ktx = ktx::BUSY;
+                self.ktls_installs.push(c);
+                if let Some(conn) = self.conns.get_mut(c as usize) {
+                    conn.flags |= flag::WRITING;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sending keys for the backend to install (`TLS_TX`), with whether the socket needs
+    /// the `tls` ULP first. Each must be answered with [`Core::ktls_installed`].
+    pub fn take_ktls_installs(&mut self, out: &mut Vec<(ConnId, KernelKeys, bool)>) {
+        for c in std::mem::take(&mut self.ktls_installs) {
+            let Some(t) = self.tls.get(c as usize).and_then(Option::as_ref) else {
+                continue;
+            };
+            if let Session::Sealed(s) = &t.session {
+                out.push((c, s.kernel_keys(), !t.ulp));
+            }
+        }
+    }
+
+    /// The backend installed (or failed to install) `c`'s sending keys in the kernel.
+    /// A refused first hand-over leaves the session in userspace; a refused rekey ends
+    /// the connection (the peer already expects the new keys).
+    pub fn ktls_installed(&mut self, c: ConnId, ok: bool) {
+        let rekey = self.ktls_mode().unwrap_or(false);
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
+        conn.flags &= !flag::WRITING;
+        let in_kernel = conn.has(flag::KTX);
+        let Some(t) = self.tls.get_mut(c as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if t.ktx != ktx::BUSY {
+            return;
+        }
+        if ok {
+            t.ktx = ktx::ON;
+            t.ulp = true;
+            if let Session::Sealed(s) = &mut t.session {
+                if !s.in_kernel() {
+                    s.to_kernel(rekey);
+                }
+                s.kernel_took_keys();
+            }
+            if in_kernel {
+                self.counters.tls_kernel_rekeys += 1;
+            } else {
+                self.counters.tls_kernel_sessions += 1;
+                self.conns[c as usize].flags |= flag::KTX;
+            }
+        } else {
+            self.counters.tls_kernel_failures += 1;
+            t.ktx = ktx::OFF;
+            if in_kernel {
+                tracing::warn!(
+                    worker = self.id,
+                    conn = c,
+                    "the kernel refused new TLS sending keys; closing the connection"
+                );
+                return self.close(c);
+            }
+        }
+        self.after_write(c);
+    }
+
+    /// Whether kernel-TLS connection `c` has a record of its own or data to send.
+    pub(super) fn ktls_pending(&self, c: ConnId, plain_pending: bool) -> bool {
+        let Some(t) = self.tls.get(c as usize).and_then(Option::as_ref) else {
+            return false;
+        };
+        !t.extra.is_empty() || (plain_pending && !t.closed)
+    }
+
+    /// A write starts on kernel-TLS connection `c`: a record of herald's own if one is
+    /// queued (it goes before any data), else its pending frames as they are.
+    pub(super) fn ktls_begin(&mut self, c: ConnId) {
+        if let Some(t) = self.tls.get_mut(c as usize).and_then(Option::as_mut) {
+            t.ctl_write = !t.extra.is_empty();
+        }
+    }
+
+    /// The record type the backend must send the current write of `c` as (a control
+    /// message `TLS_SET_RECORD_TYPE`), when it is one of herald's own records.
+    pub fn ktls_record_type(&self, c: ConnId) -> Option<u8> {
+        let t = self.tls.get(c as usize)?.as_ref()?;
+        (t.ctl_write && self.conns.get(c as usize)?.has(flag::KTX)).then(|| t.extra[0])
+    }
+
+    /// The plaintext of the record `c`'s current write carries (after `ktls_begin`).
+    pub(super) fn ktls_record(&self, c: ConnId) -> &[u8] {
+        match self.tls.get(c as usize).and_then(Option::as_ref) {
+            Some(t) if t.ctl_write && t.extra.len() >= KERNEL_RECORD_HEADER => {
+                let len = u16::from_be_bytes([t.extra[1], t.extra[2]]) as usize;
+                &t.extra[KERNEL_RECORD_HEADER..KERNEL_RECORD_HEADER + len]
+            }
+            _ => &[],
+        }
+    }
+
+    /// `n` bytes of kernel-TLS connection `c`'s write reached the socket. Returns the
+    /// bytes of its frames written (to consume). Data written counts toward the cipher's
+    /// record limit, which may queue a KeyUpdate (then new keys) or end the connection.
+    pub(super) fn ktls_written(&mut self, c: ConnId, n: usize) -> usize {
+        let Some(t) = self.tls.get_mut(c as usize).and_then(Option::as_mut) else {
+            return 0;
+        };
+        if t.ctl_write {
+            let len = u16::from_be_bytes([t.extra[1], t.extra[2]]) as usize;
+            let n = n.min(len);
+            if n == len {
+                t.extra.drain(..KERNEL_RECORD_HEADER + len);
+                if t.extra.is_empty() {
+                    t.extra = Vec::new();
+                }
+            } else {
+                // The rest goes as another record of the same type.
+                t.extra
+                    .drain(KERNEL_RECORD_HEADER..KERNEL_RECORD_HEADER + n);
+                let left = ((len - n) as u16).to_be_bytes();
+                t.extra[1..3].copy_from_slice(&left);
+            }
+            return 0;
+        }
+        if n == 0 {
+            return 0;
+        }
+        let Session::Sealed(s) = &mut t.session else {
+            return n;
+        };
+        let records = n.div_ceil(record::MAX_FRAGMENT) as u64;
+        if !s.kernel_sent(records, &mut t.extra) {
+            // At the record limit on a kernel that cannot rekey: close_notify, then close.
+            t.closed = true;
+            if let Some(conn) = self.conns.get_mut(c as usize) {
+                conn.flags |= flag::TLS_CLOSE;
+            }
+        }
+        if s.kernel_changed() {
+            t.ktx = ktx::DUE;
+        }
+        n
+    }
+
+    /// Kernel-TLS connection `c` is done and about to close: queue its close_notify
+    /// first (the kernel seals it). True if it was queued (the close follows its write).
+    pub(super) fn ktls_close_notify_first(&mut self, c: ConnId) -> bool {
+        let Some(t) = self.tls.get_mut(c as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        if t.closed {
+            return false;
+        }
+        let TlsConn { session, extra, .. } = &mut **t;
+        close_notify(session, extra);
+        t.closed = true;
+        let queued = !t.extra.is_empty();
+        if let Some(conn) = self.conns.get_mut(c as usize) {
+            conn.flags |= flag::TLS_CLOSE;
+        }
+        if queued {
+            self.mark_ready(c);
+        }
+        queued
     }
 
     /// Whether the connection closes once `covered` bytes of its pending frames are out:
@@ -769,6 +1014,19 @@ fn flush_output(conn: &mut UnbufferedServerConnection, out: &mut Vec<u8>) -> boo
         }
     }
     false
+}
+
+/// The types of the records queued for the kernel in `extra` (`[type, len, body]`).
+fn queued_records(mut q: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    std::iter::from_fn(move || {
+        if q.len() < KERNEL_RECORD_HEADER {
+            return None;
+        }
+        let typ = q[0];
+        let len = u16::from_be_bytes([q[1], q[2]]) as usize;
+        q = &q[(KERNEL_RECORD_HEADER + len).min(q.len())..];
+        Some(typ)
+    })
 }
 
 fn records(n: usize) -> usize {

@@ -50,6 +50,10 @@ impl<H: Default> Core<H> {
         if conn.phase == Phase::Closing || conn.has(flag::WRITING) {
             return false;
         }
+        if conn.has(flag::TLS) && self.ktls_hold(c) {
+            return false;
+        }
+        let conn = &mut self.conns[c as usize];
         if conn.has(flag::H2) {
             self.h2_build(c);
         }
@@ -58,7 +62,9 @@ impl<H: Default> Core<H> {
             self.after_idle(c);
             return false;
         }
-        if self.conns[c as usize].has(flag::TLS) {
+        if self.conns[c as usize].has(flag::KTX) {
+            self.ktls_begin(c);
+        } else if self.conns[c as usize].has(flag::TLS) {
             self.tls_prepare(c);
             if self.tls_out(c).is_empty() {
                 // rustls refused to encrypt: the session is broken.
@@ -86,7 +92,12 @@ impl<H: Default> Core<H> {
         let Some(conn) = self.conns.get(c as usize) else {
             return (0, 0);
         };
-        if conn.has(flag::TLS) {
+        if conn.has(flag::KTX) && self.ktls_record_type(c).is_some() {
+            let rec = self.ktls_record(c);
+            iov[0] = IoSlice::new(rec);
+            return (1, rec.len());
+        }
+        if conn.has(flag::TLS) && !conn.has(flag::KTX) {
             let out = self.tls_out(c);
             iov[0] = IoSlice::new(out);
             return (1, out.len());
@@ -146,6 +157,7 @@ impl<H: Default> Core<H> {
     pub(super) fn has_pending(&self, c: ConnId) -> bool {
         let plain = self.has_plain_pending(c);
         match self.conns.get(c as usize) {
+            Some(conn) if conn.has(flag::KTX) => self.ktls_pending(c, plain),
             Some(conn) if conn.has(flag::TLS) => self.tls_pending(c, plain),
             _ => plain,
         }
@@ -189,7 +201,12 @@ impl<H: Default> Core<H> {
         let Some(conn) = self.conns.get_mut(c as usize) else {
             return;
         };
-        if conn.has(flag::TLS) {
+        if conn.has(flag::KTX) {
+            let data = self.ktls_written(c, n);
+            if data > 0 {
+                self.consume(c, data);
+            }
+        } else if conn.has(flag::TLS) {
             if n > 0 {
                 conn.progress = self.now_tick as u32;
                 // The frames count as written once all of their ciphertext is.
@@ -273,6 +290,12 @@ impl<H: Default> Core<H> {
         if conn.has(flag::TLS_CLOSE) {
             return self.close(c);
         }
+        if conn.has(flag::KTX) && self.closes_when_idle(c) && self.ktls_close_notify_first(c) {
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(c as usize) else {
+            return;
+        };
         if conn.has(flag::H2S) {
             return match conn.phase {
                 Phase::Respond => self.h2_stream_done(c),
@@ -295,6 +318,18 @@ impl<H: Default> Core<H> {
             Phase::Drain if conn.has(flag::FINAL) => self.close(c),
             Phase::Drain if conn.has(flag::DRAIN_DUE) => self.finish_drain(c),
             _ => {}
+        }
+    }
+
+    /// Whether `after_idle` is about to close `c` (its response or drain is done).
+    fn closes_when_idle(&self, c: ConnId) -> bool {
+        let Some(conn) = self.conns.get(c as usize) else {
+            return false;
+        };
+        match conn.phase {
+            Phase::Respond => !conn.has(flag::KEEP_ALIVE) || self.is_draining(),
+            Phase::Drain => conn.has(flag::FINAL),
+            _ => false,
         }
     }
 

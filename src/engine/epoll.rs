@@ -4,6 +4,7 @@
 //! during the call, so nothing outlives it). Connections are limited to RLIMIT_NOFILE.
 
 use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ struct Loop {
     reread: Vec<ConnId>,
     /// TLS accepting is paused at the handshake limit (counted once per pause).
     tls_deferred: bool,
+    /// Kernel-TLS key installs of this turn (reused).
+    ktls_due: Vec<(ConnId, crate::tls::record::KernelKeys, bool)>,
 }
 
 /// Descriptors kept out of the connection limit: listeners, pollers, wakers, the ingest
@@ -96,6 +99,7 @@ pub fn run(
         buf: vec![0u8; 64 << 10],
         reread: Vec::new(),
         tls_deferred: false,
+        ktls_due: Vec::new(),
     };
     let mut events = Events::with_capacity(1024);
     let mut ready = Vec::new();
@@ -275,10 +279,15 @@ impl Loop {
             let result = {
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
                 let (n, _) = self.core.fill(c, &mut iov);
+                let record = self.core.ktls_record_type(c);
                 match self.core.conn(c) {
-                    Some(conn) => match conn.handle.as_ref() {
-                        Some(mut s) => s.write_vectored(&iov[..n]),
-                        None => Err(io::ErrorKind::NotConnected.into()),
+                    Some(conn) => match (conn.handle.as_ref(), record) {
+                        // One of herald's own records on a kernel-TLS socket.
+                        (Some(s), Some(typ)) => {
+                            super::sys::send_record(s.as_raw_fd(), typ, &iov[0])
+                        }
+                        (Some(mut s), None) => s.write_vectored(&iov[..n]),
+                        (None, _) => Err(io::ErrorKind::NotConnected.into()),
                     },
                     None => Err(io::ErrorKind::NotConnected.into()),
                 }
@@ -295,5 +304,26 @@ impl Loop {
                 Err(_) => self.core.handle_write_error(c),
             }
         }
+        self.install_ktls();
+    }
+
+    /// Install the sending keys of sessions handed to the kernel (kTLS), at once.
+    fn install_ktls(&mut self) {
+        let mut due = std::mem::take(&mut self.ktls_due);
+        self.core.take_ktls_installs(&mut due);
+        for (c, keys, ulp) in due.drain(..) {
+            let ok = match self.core.conn(c).and_then(|conn| conn.handle.as_ref()) {
+                Some(s) => match super::sys::install_ktls_tx(s.as_raw_fd(), ulp, keys.as_bytes()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(worker = self.core.id, conn = c, error = %e, "kernel TLS hand-over refused");
+                        false
+                    }
+                },
+                None => false,
+            };
+            self.core.ktls_installed(c, ok);
+        }
+        self.ktls_due = due;
     }
 }

@@ -93,6 +93,91 @@ pub fn set_ktls_probe_keys(fd: RawFd, direction: libc::c_int) -> io::Result<()> 
     Ok(())
 }
 
+/// Hand a TLS connection's sending to the kernel: attach the `tls` ULP (when `ulp`) and
+/// install `keys` (a `tls12_crypto_info_*` as bytes, from `Sealed::kernel_keys`) as its
+/// `TLS_TX` state. A second call with `ulp` false replaces the keys (TLS 1.3 rekey).
+pub fn install_ktls_tx(fd: RawFd, ulp: bool, keys: &[u8]) -> io::Result<()> {
+    if ulp {
+        set_tcp_ulp_tls(fd)?;
+    }
+    // SAFETY: `keys` is a live buffer of the length passed, read by the call only; `fd`
+    // is borrowed from an open socket the caller holds.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TLS,
+            libc::TLS_TX,
+            keys.as_ptr().cast(),
+            keys.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Room for one `TLS_SET_RECORD_TYPE` control message (a one-byte payload), aligned as
+/// `cmsghdr` needs.
+#[repr(C, align(8))]
+pub struct RecordTypeCmsg([u8; 32]);
+
+impl RecordTypeCmsg {
+    pub const fn new() -> RecordTypeCmsg {
+        RecordTypeCmsg([0; 32])
+    }
+
+    /// Point `msg`'s control data at this buffer, holding record type `typ`: a kTLS
+    /// socket then sends the message's data as one record of that type (an alert, a
+    /// handshake message) instead of application data.
+    pub fn attach(&mut self, msg: &mut libc::msghdr, typ: u8) {
+        // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
+        let (space, len) = unsafe { (libc::CMSG_SPACE(1) as usize, libc::CMSG_LEN(1) as usize) };
+        debug_assert!(space <= self.0.len());
+        self.0 = [0; 32];
+        msg.msg_control = self.0.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: `msg` points at this buffer, which is 8-aligned and at least
+        // CMSG_SPACE(1) long, so CMSG_FIRSTHDR returns a header inside it, and its data
+        // byte is inside it too. The buffer lives as long as `self`, which the caller
+        // keeps until the send that uses `msg` has completed.
+        unsafe {
+            let h = libc::CMSG_FIRSTHDR(msg);
+            (*h).cmsg_level = libc::SOL_TLS;
+            (*h).cmsg_type = libc::TLS_SET_RECORD_TYPE;
+            (*h).cmsg_len = len as _;
+            *libc::CMSG_DATA(h) = typ;
+        }
+    }
+}
+
+impl Default for RecordTypeCmsg {
+    fn default() -> RecordTypeCmsg {
+        RecordTypeCmsg::new()
+    }
+}
+
+/// Send `data` on a kTLS socket as one record of type `typ` (non-blocking, no SIGPIPE).
+pub fn send_record(fd: RawFd, typ: u8, data: &[u8]) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let mut cmsg = RecordTypeCmsg::new();
+    cmsg.attach(&mut msg, typ);
+    // SAFETY: `msg` points at `iov` (over `data`) and `cmsg`, all live across the call,
+    // which only reads them; `fd` is borrowed from an open socket the caller holds.
+    let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
 /// Give the kernel back the pages of freed heap memory (glibc `malloc_trim`, which
 /// `madvise`s every whole free page in every arena). A burst of new connections leaves
 /// its short-lived allocations (request heads, first frames, handshake state) freed but

@@ -67,7 +67,14 @@ mod op {
     pub const SHARD: u8 = 7;
     /// Shard 0's poll on the hosted ingest's epoll set.
     pub const INGEST: u8 = 8;
+    /// Kernel TLS: attaching the `tls` ULP (linked to the `KTLS` that follows it).
+    pub const KTLS_ULP: u8 = 9;
+    /// Kernel TLS: installing the sending keys (`TLS_TX`).
+    pub const KTLS: u8 = 10;
 }
+
+/// `setsockopt(TCP_ULP)`'s value for kernel TLS; static, so it outlives any SQE.
+static TLS_ULP_NAME: [u8; 3] = *b"tls";
 
 fn user_data(kind: u8, gen: u32, c: u32) -> u64 {
     (kind as u64) << 56 | ((gen & 0xff_ffff) as u64) << 32 | c as u64
@@ -107,6 +114,11 @@ impl UConn {
 struct SendBuf {
     iov: [libc::iovec; MAX_IOVECS],
     msg: libc::msghdr,
+    /// The record type of a kernel-TLS connection's own record (`msg`'s control data).
+    cmsg: super::sys::RecordTypeCmsg,
+    /// Kernel TLS: the sending keys being installed (the block then carries no send),
+    /// zeroed once the install completes.
+    keys: [u8; 56],
 }
 
 impl SendBuf {
@@ -118,6 +130,8 @@ impl SendBuf {
             }; MAX_IOVECS],
             // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
             msg: unsafe { std::mem::zeroed() },
+            cmsg: super::sys::RecordTypeCmsg::new(),
+            keys: [0; 56],
         })
     }
 }
@@ -329,6 +343,8 @@ struct Driver {
     /// kernel may hold its address, so it must not live inline in a growable Vec.
     #[allow(clippy::vec_box)]
     send_pool: Vec<Box<SendBuf>>,
+    /// Kernel-TLS key installs of this turn (reused).
+    ktls_due: Vec<(ConnId, crate::tls::record::KernelKeys, bool)>,
     /// Connections whose multishot recv ended for lack of buffers: re-armed next turn.
     rearm: Vec<ConnId>,
     /// Accepts could not all be armed (paused, or every table full): try again when the
@@ -381,6 +397,7 @@ pub fn run(
         wake_buf: ManuallyDrop::new(Box::new(0)),
         wake_armed: false,
         send_pool: Vec::new(),
+        ktls_due: Vec::new(),
         rearm: Vec::new(),
         accept_stalled: false,
         tls_accept_waiting: false,
@@ -531,6 +548,17 @@ impl Driver {
                 self.ingest_armed = false;
                 self.ingest_readable = true;
             }
+            op::KTLS_ULP => {
+                if let Some(conn) = self.core.conn_mut(c) {
+                    conn.handle.ops -= 1;
+                }
+                if res < 0 {
+                    let e = io::Error::from_raw_os_error(-res);
+                    tracing::warn!(worker = self.core.id, conn = c, error = %e, "tls ULP refused");
+                }
+                self.maybe_release(c);
+            }
+            op::KTLS => self.on_ktls(c, res),
             op::WAKE => {
                 self.wake_armed = false;
                 if !self.core.is_draining() {
@@ -860,9 +888,10 @@ impl Driver {
             }
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
             let (n, _) = self.core.fill(c, &mut iov);
+            let record = self.core.ktls_record_type(c);
             let mut sb = None;
             let single = (iov[0].as_ptr(), iov[0].len() as u32);
-            if n > 1 {
+            if n > 1 || record.is_some() {
                 let mut b = self.send_pool.pop().unwrap_or_else(SendBuf::new);
                 for (dst, src) in b.iov.iter_mut().zip(&iov[..n]) {
                     *dst = libc::iovec {
@@ -872,6 +901,16 @@ impl Driver {
                 }
                 b.msg.msg_iov = b.iov.as_mut_ptr();
                 b.msg.msg_iovlen = n as _;
+                let SendBuf { msg, cmsg, .. } = &mut *b;
+                match record {
+                    // One of herald's own records on a kernel-TLS socket: its type goes
+                    // in a control message.
+                    Some(typ) => cmsg.attach(msg, typ),
+                    None => {
+                        msg.msg_control = std::ptr::null_mut();
+                        msg.msg_controllen = 0;
+                    }
+                }
                 sb = Some(b);
             }
             let Some(conn) = self.core.conn_mut(c) else {
@@ -907,6 +946,78 @@ impl Driver {
             // plan is written (or with the connection, after its last op).
             unsafe { self.shards[shard].push(entry.user_data(ud)) };
         }
+        self.install_ktls();
+    }
+
+    /// Install the sending keys of sessions handed to the kernel (kTLS): the `tls` ULP
+    /// (first time only) linked to `TLS_TX`, both on the direct descriptor. The core
+    /// holds the connection's writes until the result comes back.
+    fn install_ktls(&mut self) {
+        let mut due = std::mem::take(&mut self.ktls_due);
+        self.core.take_ktls_installs(&mut due);
+        for (c, keys, ulp) in due.drain(..) {
+            let Some(conn) = self.core.conn_mut(c) else {
+                continue;
+            };
+            if conn.handle.closing() || conn.handle.send.is_some() {
+                // Closing (or, never expected, a send still holding the block).
+                self.core.ktls_installed(c, false);
+                continue;
+            }
+            let mut b = self.send_pool.pop().unwrap_or_else(SendBuf::new);
+            let k = keys.as_bytes();
+            b.keys[..k.len()].copy_from_slice(k);
+            let (slot, gen, shard) = (conn.handle.slot, conn.gen, conn.handle.shard as usize);
+            let tx = opcode::SetSockOpt::new(
+                Fixed(slot),
+                libc::SOL_TLS as u32,
+                libc::TLS_TX as u32,
+                b.keys.as_ptr().cast(),
+                k.len() as u32,
+            )
+            .build()
+            .user_data(user_data(op::KTLS, gen, c));
+            conn.handle.send = Some(b);
+            conn.handle.ops += 1;
+            if ulp {
+                conn.handle.ops += 1;
+                let ulp = opcode::SetSockOpt::new(
+                    Fixed(slot),
+                    libc::SOL_TCP as u32,
+                    libc::TCP_ULP as u32,
+                    TLS_ULP_NAME.as_ptr().cast(),
+                    TLS_ULP_NAME.len() as u32,
+                )
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(user_data(op::KTLS_ULP, gen, c));
+                // SAFETY: the option value is a static.
+                unsafe { self.shards[shard].push(ulp) };
+            }
+            // SAFETY: the keys are in the boxed block held in `conn.handle.send` until
+            // this op's completion (`on_ktls`), which is the only place that takes it.
+            unsafe { self.shards[shard].push(tx) };
+        }
+        self.ktls_due = due;
+    }
+
+    /// A kernel-TLS key install completed (`res` < 0: refused, or cancelled because the
+    /// ULP linked before it failed).
+    fn on_ktls(&mut self, c: ConnId, res: i32) {
+        let Some(conn) = self.core.conn_mut(c) else {
+            return;
+        };
+        conn.handle.ops -= 1;
+        if let Some(mut b) = conn.handle.send.take() {
+            zeroize::Zeroize::zeroize(&mut b.keys);
+            self.recycle_send_buf(b);
+        }
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            tracing::warn!(worker = self.core.id, conn = c, error = %e, "kernel TLS hand-over refused");
+        }
+        self.core.ktls_installed(c, res >= 0);
+        self.maybe_release(c);
     }
 
     /// Return an iovec block to the pool, keeping the pool bounded after a burst.
