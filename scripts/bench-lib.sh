@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shared by compare.sh and capacity.sh: start/stop one server under test on loopback.
-# Servers: herald-uring, herald-epoll, axum, nchan, floor, and over TLS herald-uring-tls,
+# Servers: herald-uring, herald-epoll, axum, nchan, floor, blocking-floor, and over TLS herald-uring-tls,
 # herald-epoll-tls, nchan-tls (subscribers on https://, publishing stays plaintext: ingest
 # for herald, HTTP POST on a second, plain port for Nchan). Each start prints nothing and
 # sets SERVER_PID (the process to measure: nginx's worker for nchan), SERVER_THREADS
@@ -15,6 +15,7 @@ NGINX_MOD=/usr/lib/nginx/modules/ngx_nchan_module.so
 ensure_built() {
   [ -x "$BIN/herald" ] || cargo build --release --locked -p herald
   [ -x "$BIN/herald-bench" ] && [ -x "$BIN/axum-sse" ] && [ -x "$BIN/uring-floor" ] \
+    && [ -x "$BIN/blocking-floor" ] \
     || cargo build --release --locked -p herald-bench
 }
 
@@ -92,6 +93,11 @@ start_server() {
       taskset -c "$cpus" "$BIN/uring-floor" --listen "127.0.0.1:$port" --ingest "127.0.0.1:$iport" \
         --workers "$workers" --subscribers 1000000 >"$logdir/$name.log" 2>&1 &
       SERVER_PID=$!; SERVER_THREADS=floor-w ;;
+    blocking-floor)
+      # Per-user floor: one blocking read and one write per event, one thread, no poller.
+      taskset -c "$cpus" "$BIN/blocking-floor" --listen "127.0.0.1:$port" --ingest "127.0.0.1:$iport" \
+        >"$logdir/$name.log" 2>&1 &
+      SERVER_PID=$!; SERVER_THREADS=floor- ;;
     nchan|nchan-tls)
       local d listen; d=$(mktemp -d /tmp/nchan-bench.XXXXXX)
       listen="listen 127.0.0.1:$port backlog=4096 reuseport;"

@@ -20,7 +20,7 @@
 #         summary.json,env.md}
 #
 # usage: scripts/compare.sh [--quick] [--subscribers N] [--rounds R] [--setups plain,steered]
-#                           [--servers herald-uring,herald-epoll,nchan,axum,floor,
+#                           [--servers herald-uring,herald-epoll,nchan,axum,floor,blocking-floor,
 #                                      herald-uring-tls,herald-epoll-tls,nchan-tls]
 #                           [--workloads fanout,burst,hold,peruser,peruser-burst,handshake]
 #                           [--rate EV_PER_S] [--peruser-rate EV_PER_S] [--hold SECS]
