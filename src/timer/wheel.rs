@@ -3,6 +3,8 @@
 //! allocation per insert). Invariant: an armed entry with deadline `d > cursor`
 //! sits in slot `d & mask`; one with `d <= cursor` sits in the `due` list.
 
+use std::cell::Cell;
+
 /// "No entry" in a link field.
 const NIL: u32 = u32::MAX;
 /// Deadline value marking an unarmed key; real deadlines are clamped below it.
@@ -36,6 +38,11 @@ pub struct Wheel {
     /// `advance` has fired.
     cursor: u64,
     armed: usize,
+    /// A lower bound on every armed deadline: [`Wheel::next_expiry`] starts its scan
+    /// there instead of at the cursor, and leaves the exact minimum behind. Without it a
+    /// wheel whose nearest deadline is seconds away (every per-user stream was written to
+    /// recently) walked hundreds of empty slots on every loop turn.
+    floor: Cell<u64>,
 }
 
 impl Wheel {
@@ -48,6 +55,7 @@ impl Wheel {
             entries: vec![EMPTY; capacity as usize],
             cursor: now_tick,
             armed: 0,
+            floor: Cell::new(0),
         }
     }
 
@@ -81,6 +89,7 @@ impl Wheel {
         }
         self.heads[list] = key;
         self.armed += 1;
+        self.floor.set(self.floor.get().min(deadline));
     }
 
     /// Disarms `key`; a no-op if it is not armed.
@@ -140,8 +149,9 @@ impl Wheel {
     }
 
     /// Ticks from `now_tick` until the earliest armed deadline (0 if overdue),
-    /// or `None` if nothing is armed. O(1) when empty or something is due,
-    /// else at most one pass over the slots and their entries.
+    /// or `None` if nothing is armed. O(1) when empty or something is due, else a
+    /// scan from the last minimum it found (or the cursor) to the new one: at most
+    /// one pass over the slots and their entries.
     pub fn next_expiry(&self, now_tick: u64) -> Option<u64> {
         if self.armed == 0 {
             return None;
@@ -149,19 +159,25 @@ impl Wheel {
         if self.heads[self.heads.len() - 1] != NIL {
             return Some(0);
         }
+        // No armed deadline is below `start`, so an entry in the slot of tick `t` (visited
+        // in order from `start`) has a deadline of at least `t`.
+        let start = (self.cursor + 1).max(self.floor.get());
         let mut earliest = UNARMED;
-        for tick in self.cursor + 1..=self.cursor + self.mask + 1 {
+        for tick in start..=start + self.mask {
             let mut key = self.heads[(tick & self.mask) as usize];
             while key != NIL {
                 let e = self.entries[key as usize];
                 earliest = earliest.min(e.deadline);
+                // Nothing here or in a later slot is below `tick`: stop at the first entry
+                // due at it, not after a walk of the whole list (a cache miss per entry).
+                if earliest <= tick {
+                    self.floor.set(earliest);
+                    return Some(earliest.saturating_sub(now_tick));
+                }
                 key = e.next;
             }
-            // Slots are visited in tick order, so nothing later can beat it.
-            if earliest <= tick {
-                break;
-            }
         }
+        self.floor.set(earliest);
         Some(earliest.saturating_sub(now_tick))
     }
 
@@ -291,6 +307,23 @@ mod tests {
     fn scenarios() {
         use Op::*;
         let cases: &[(usize, u64, &[Op])] = &[
+            // The remembered minimum: its key re-armed later, an earlier insert, a
+            // deadline more than a lap away, and the cursor moving past the minimum.
+            (
+                64,
+                0,
+                &[
+                    Insert(1, 5),
+                    Insert(2, 40),
+                    Remove(1),
+                    Insert(3, 2),
+                    Advance(2),
+                    Insert(1, 100),
+                    Remove(2),
+                    Advance(30),
+                    Insert(2, 1),
+                ],
+            ),
             (8, 0, &[Insert(1, 3), Advance(2), Advance(1)]),
             (8, 0, &[Insert(1, 0), Advance(0)]),
             (
