@@ -124,19 +124,20 @@ impl<T> NameTable<T> {
 
     /// [`NameTable::retain`] over at most `max` entries, starting at slot `start` and
     /// wrapping around (never visiting a slot twice; vacant slots are passed over). Returns
-    /// where the next slice starts.
+    /// where the next slice starts, and whether this one passed the table's last slot (a
+    /// caller going round in slices from 0 has then visited every entry).
     pub fn retain_slice(
         &mut self,
         start: usize,
         max: usize,
         mut keep: impl FnMut(&TopicName, &mut T) -> bool,
-    ) -> usize {
+    ) -> (usize, bool) {
         let cap = self.slots.capacity();
         if cap == 0 {
-            return 0;
+            return (0, true);
         }
         let mut id = start % cap;
-        let mut seen = 0;
+        let (mut seen, mut wrapped) = (0, false);
         for _ in 0..cap {
             if seen == max {
                 break;
@@ -148,8 +149,9 @@ impl<T> NameTable<T> {
                 }
             }
             id = (id + 1) % cap;
+            wrapped |= id == 0;
         }
-        id
+        (id, wrapped)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&TopicName, &T)> {
@@ -205,13 +207,16 @@ mod tests {
         assert_eq!(t.len(), t.iter().count());
         // Slices of 100 from anywhere visit every entry once per full turn.
         let mut seen = std::collections::HashMap::new();
-        let mut at = 517;
+        let (mut at, mut laps) = (517, 0);
         for _ in 0..(t.slots.capacity() / 100 + 1) {
-            at = t.retain_slice(at, 100, |k, _| {
+            let wrapped;
+            (at, wrapped) = t.retain_slice(at, 100, |k, _| {
                 *seen.entry(k.clone()).or_insert(0) += 1;
                 true
             });
+            laps += usize::from(wrapped);
         }
+        assert!(laps >= 1, "no slice said it passed the last slot");
         assert_eq!(seen.len(), t.len());
         assert!(seen.values().all(|&n| n <= 2));
         t.retain_slice(0, usize::MAX, |k, _| !k.ends_with('7'));
