@@ -216,3 +216,41 @@ fn a_key_update_the_kernel_cannot_make_ends_the_stream_with_close_notify() {
     assert!(cl.closed, "with a close_notify");
     assert_eq!(cl.events(), ["one"]);
 }
+
+#[test]
+fn a_close_notify_queued_behind_our_key_update_goes_under_the_new_keys() {
+    let (mut h, cc) = setup("ku-cn", true);
+    let (c, mut cl) = subscribe(&mut h, &cc);
+    h.publish("k", "one", None);
+    cl.pump(&mut h, c);
+    // In one read: the client asks for new keys and says goodbye. Our KeyUpdate and our
+    // close_notify are then queued together, and the new keys must go in between them.
+    cl.tls.refresh_traffic_keys().unwrap();
+    cl.tls.send_close_notify();
+    let mut wire = Vec::new();
+    while cl.tls.wants_write() {
+        cl.tls.write_tls(&mut wire).unwrap();
+    }
+    h.send(c, &wire);
+    h.turn();
+    assert_eq!(
+        h.core.ktls_record_type(c),
+        Some(crate::tls::record::CT_HANDSHAKE),
+        "our KeyUpdate goes first"
+    );
+    let ku = h.inflight_len(c);
+    assert!(ku > 0);
+    // A short write of the KeyUpdate: no keys may change before the rest of it.
+    h.complete(c, ku / 2);
+    h.turn();
+    assert_eq!(
+        h.core.counters.tls_kernel_rekeys, 0,
+        "KeyUpdate half written"
+    );
+    h.settle();
+    assert_eq!(h.core.counters.tls_kernel_rekeys, 1);
+    assert!(!h.is_open(c), "closed after our close_notify");
+    cl.take(&h, c);
+    assert!(cl.closed, "our close_notify decrypted under the new keys");
+    assert_eq!(cl.events(), ["one"]);
+}
