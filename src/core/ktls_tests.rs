@@ -254,3 +254,44 @@ fn a_close_notify_queued_behind_our_key_update_goes_under_the_new_keys() {
     assert!(cl.closed, "our close_notify decrypted under the new keys");
     assert_eq!(cl.events(), ["one"]);
 }
+
+#[test]
+fn our_key_update_on_a_full_socket_is_sent_again_whole_and_typed_before_any_data() {
+    let (mut h, cc) = setup("ku-full", true);
+    let (c, mut cl) = subscribe(&mut h, &cc);
+    h.publish("k", "one", None);
+    cl.pump(&mut h, c);
+    cl.tls.refresh_traffic_keys().unwrap();
+    let mut wire = Vec::new();
+    while cl.tls.wants_write() {
+        cl.tls.write_tls(&mut wire).unwrap();
+    }
+    h.send(c, &wire);
+    h.turn();
+    assert_eq!(
+        h.core.ktls_record_type(c),
+        Some(crate::tls::record::CT_HANDSHAKE)
+    );
+    let sent = h.output(c).len();
+    // epoll: the socket is full, the KeyUpdate's sendmsg took nothing (EAGAIN).
+    h.block(c, 0);
+    h.publish("k", "behind the update", None);
+    h.turn();
+    assert_eq!(
+        h.inflight_len(c),
+        0,
+        "nothing is written until there is room"
+    );
+    assert_eq!(h.output(c).len(), sent);
+    h.writable(c);
+    h.turn();
+    assert_eq!(
+        h.core.ktls_record_type(c),
+        Some(crate::tls::record::CT_HANDSHAKE),
+        "the KeyUpdate again, as a handshake record, before the event"
+    );
+    h.settle();
+    cl.take(&h, c);
+    assert_eq!(h.core.counters.tls_kernel_rekeys, 1);
+    assert_eq!(cl.events(), ["one", "behind the update"]);
+}
