@@ -690,25 +690,28 @@ fn a_client_close_notify_is_answered_with_ours() {
     s.stop();
 }
 
+/// A TLS 1.3 stream on `/events/{prefix}0` and a TLS 1.2 one on `/events/{prefix}1`,
+/// both open.
+fn stream_per_version(pki: &Pki, s: &TestServer, tls: SocketAddr, prefix: &str) -> Vec<TlsClient> {
+    let streams = [&rustls::version::TLS13, &rustls::version::TLS12]
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let cfg = pki.client().versions(&[v]).build();
+            TlsClient::tls_subscribe(tls, &cfg, &format!("/events/{prefix}{i}"))
+        })
+        .collect();
+    wait_streams(s.addr, 2);
+    streams
+}
+
 #[test]
 fn sealed_sessions_follow_key_updates_and_refuse_forged_records() {
     let pki = Pki::new();
     let Some((s, tls)) = tls_server(&pki, |_| {}) else {
         return;
     };
-    let mut streams = Vec::new();
-    for (i, v) in [&rustls::version::TLS13, &rustls::version::TLS12]
-        .into_iter()
-        .enumerate()
-    {
-        let cfg = pki.client().versions(&[v]).build();
-        streams.push(TlsClient::tls_subscribe(
-            tls,
-            &cfg,
-            &format!("/events/ku{i}"),
-        ));
-    }
-    wait_streams(s.addr, 2);
+    let mut streams = stream_per_version(&pki, &s, tls, "ku");
     // Both sessions left rustls once their handshakes were done.
     assert_eq!(metric(s.addr, "herald_tls_sessions_sealed_total"), 2);
     assert_eq!(metric(s.addr, "herald_tls_sessions_kept_total"), 0);
@@ -774,19 +777,7 @@ fn kernel_tls_carries_streams_where_the_kernel_has_it() {
         return;
     };
     let probe = herald::tls::probe_ktls();
-    let mut streams = Vec::new();
-    for (i, v) in [&rustls::version::TLS13, &rustls::version::TLS12]
-        .into_iter()
-        .enumerate()
-    {
-        let cfg = pki.client().versions(&[v]).build();
-        streams.push(TlsClient::tls_subscribe(
-            tls,
-            &cfg,
-            &format!("/events/k{i}"),
-        ));
-    }
-    wait_streams(s.addr, 2);
+    let mut streams = stream_per_version(&pki, &s, tls, "k");
     if let Err(why) = probe {
         eprintln!(
             "SKIPPED (kernel TLS): {why}; the hand-over is not exercised against a real kernel here, only against the core's kernel model (src/core/ktls_tests.rs)"
