@@ -489,9 +489,13 @@ impl Driver {
             return;
         }
         self.ingest_armed = true;
-        // One-shot: arming checks readiness first, so nothing that became ready since the
-        // last turn is missed.
+        // Multishot: armed once, it completes at every wake-up of the ingest's epoll set
+        // (each new readiness of a publisher or listener there: mio registers them edge-
+        // triggered, and the ingest keeps its own queue of what it has not finished
+        // reading). Arming checks readiness first, so nothing that became ready while it
+        // was not armed is missed. No poll to re-arm per event.
         let entry = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .multi(true)
             .build()
             .user_data(user_data(op::INGEST, 0, 0));
         // SAFETY: a poll SQE points at no memory of ours.
@@ -545,7 +549,11 @@ impl Driver {
                 self.maybe_release(c);
             }
             op::INGEST => {
-                self.ingest_armed = false;
+                // The last completion of the multishot poll (cancelled, failed, or the
+                // completion queue overflowed): armed again at the next step.
+                if !cqueue::more(flags) {
+                    self.ingest_armed = false;
+                }
                 self.ingest_readable = true;
             }
             op::KTLS_ULP => {
