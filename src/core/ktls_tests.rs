@@ -217,16 +217,17 @@ fn a_key_update_the_kernel_cannot_make_ends_the_stream_with_close_notify() {
     assert_eq!(cl.events(), ["one"]);
 }
 
-#[test]
-fn a_close_notify_queued_behind_our_key_update_goes_under_the_new_keys() {
-    let (mut h, cc) = setup("ku-cn", true);
+/// A kernel-TLS stream that has had event "one"; then the client asks for new keys (and
+/// says goodbye too when `close`), all in one read, and our KeyUpdate's write is in flight.
+fn key_update_in_flight(tag: &str, close: bool) -> (Harness, ConnId, Client) {
+    let (mut h, cc) = setup(tag, true);
     let (c, mut cl) = subscribe(&mut h, &cc);
     h.publish("k", "one", None);
     cl.pump(&mut h, c);
-    // In one read: the client asks for new keys and says goodbye. Our KeyUpdate and our
-    // close_notify are then queued together, and the new keys must go in between them.
     cl.tls.refresh_traffic_keys().unwrap();
-    cl.tls.send_close_notify();
+    if close {
+        cl.tls.send_close_notify();
+    }
     let mut wire = Vec::new();
     while cl.tls.wants_write() {
         cl.tls.write_tls(&mut wire).unwrap();
@@ -238,8 +239,16 @@ fn a_close_notify_queued_behind_our_key_update_goes_under_the_new_keys() {
         Some(crate::tls::record::CT_HANDSHAKE),
         "our KeyUpdate goes first"
     );
+    assert!(h.inflight_len(c) > 0);
+    (h, c, cl)
+}
+
+#[test]
+fn a_close_notify_queued_behind_our_key_update_goes_under_the_new_keys() {
+    // In one read: the client asks for new keys and says goodbye. Our KeyUpdate and our
+    // close_notify are then queued together, and the new keys must go in between them.
+    let (mut h, c, mut cl) = key_update_in_flight("ku-cn", true);
     let ku = h.inflight_len(c);
-    assert!(ku > 0);
     // A short write of the KeyUpdate: no keys may change before the rest of it.
     h.complete(c, ku / 2);
     h.turn();
@@ -257,21 +266,7 @@ fn a_close_notify_queued_behind_our_key_update_goes_under_the_new_keys() {
 
 #[test]
 fn our_key_update_on_a_full_socket_is_sent_again_whole_and_typed_before_any_data() {
-    let (mut h, cc) = setup("ku-full", true);
-    let (c, mut cl) = subscribe(&mut h, &cc);
-    h.publish("k", "one", None);
-    cl.pump(&mut h, c);
-    cl.tls.refresh_traffic_keys().unwrap();
-    let mut wire = Vec::new();
-    while cl.tls.wants_write() {
-        cl.tls.write_tls(&mut wire).unwrap();
-    }
-    h.send(c, &wire);
-    h.turn();
-    assert_eq!(
-        h.core.ktls_record_type(c),
-        Some(crate::tls::record::CT_HANDSHAKE)
-    );
+    let (mut h, c, mut cl) = key_update_in_flight("ku-full", false);
     let sent = h.output(c).len();
     // epoll: the socket is full, the KeyUpdate's sendmsg took nothing (EAGAIN).
     h.block(c, 0);
