@@ -16,6 +16,7 @@ use std::thread;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use herald_bench::floor_frame;
 
 static RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n: floor\n\n\r\n";
 
@@ -67,21 +68,6 @@ fn accept(listener: TcpListener, topics: Topics) {
     }
 }
 
-/// `{hexlen}\r\nid: k\ndata: ..\n\n\r\n`, data split on newlines into data: lines.
-fn frame(out: &mut Vec<u8>, id: u64, data: &str) {
-    let mut body = format!("id: {id}\n");
-    for line in data.split('\n') {
-        body.push_str("data: ");
-        body.push_str(line);
-        body.push('\n');
-    }
-    body.push('\n');
-    out.clear();
-    let _ = write!(out, "{:x}\r\n", body.len());
-    out.extend_from_slice(body.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
 #[derive(serde::Deserialize)]
 struct Line<'a> {
     #[serde(borrow)]
@@ -102,7 +88,7 @@ fn publish(s: TcpStream, topics: Topics, next_id: Arc<AtomicU64>) {
         let Ok(l) = serde_json::from_str::<Line>(line.trim_end()) else {
             continue;
         };
-        frame(&mut out, next_id.fetch_add(1, Ordering::Relaxed), &l.data);
+        floor_frame(&mut out, next_id.fetch_add(1, Ordering::Relaxed), &l.data);
         let mut t = topics.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(subs) = t.get_mut(l.topic.as_ref()) {
             // A failed write means the peer left: drop its socket.

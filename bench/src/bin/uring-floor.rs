@@ -16,6 +16,7 @@ use std::thread;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use herald_bench::floor_frame;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -368,21 +369,6 @@ fn listener(addr: SocketAddr) -> Result<TcpListener> {
     Ok(s.into())
 }
 
-/// `{hexlen}\r\nid: k\ndata: ..\n\n\r\n`, data split on newlines into data: lines.
-fn frame(id: u64, data: &str) -> Vec<u8> {
-    let mut body = format!("id: {id}\n");
-    for line in data.split('\n') {
-        body.push_str("data: ");
-        body.push_str(line);
-        body.push('\n');
-    }
-    body.push('\n');
-    let mut out = format!("{:x}\r\n", body.len()).into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
 #[derive(serde::Deserialize)]
 struct Line {
     data: String,
@@ -403,7 +389,9 @@ fn ingest(addr: SocketAddr, workers: Vec<(Sender<Arc<Vec<u8>>>, RawFd)>) -> Resu
                 let Ok(l) = serde_json::from_str::<Line>(&line) else {
                     continue;
                 };
-                let f = Arc::new(frame(next_id.fetch_add(1, Ordering::Relaxed), &l.data));
+                let mut f = Vec::new();
+                floor_frame(&mut f, next_id.fetch_add(1, Ordering::Relaxed), &l.data);
+                let f = Arc::new(f);
                 for (tx, efd) in workers.iter() {
                     let _ = tx.send(f.clone());
                     let one = 1u64;
